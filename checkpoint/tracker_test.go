@@ -1,0 +1,142 @@
+package checkpoint
+
+import (
+	"math/rand/v2"
+	"testing"
+
+	"github.com/jackc/pglogrepl"
+)
+
+func TestDoneWaitsForEarlierTransactions(t *testing.T) {
+	tr := New(100)
+	a, b := tr.Begin(), tr.Begin()
+	tr.Add(a)
+	tr.Add(b)
+	tr.Close(a, 200)
+	tr.Close(b, 300)
+
+	tr.Finish(b, 1)
+	if got := tr.Done(); got != 100 {
+		t.Fatalf("done moved to %s over unfinished transaction", got)
+	}
+	tr.Finish(a, 1)
+	if got := tr.Done(); got != 300 {
+		t.Fatalf("done = %s, want 0/12C", got)
+	}
+}
+
+func TestOpenTransactionHoldsDone(t *testing.T) {
+	tr := New(0)
+	a := tr.Begin()
+	tr.Add(a)
+	tr.Finish(a, 1) // every event so far finished, but the commit is not seen yet
+	if tr.Done() != 0 {
+		t.Fatal("done moved before the transaction's commit was seen")
+	}
+	tr.Close(a, 50)
+	if tr.Done() != 50 {
+		t.Fatalf("done = %s, want 50", tr.Done())
+	}
+}
+
+func TestEmptyTransactionAndSweep(t *testing.T) {
+	tr := New(10)
+	sweep := tr.Begin()
+	tr.Add(sweep)
+	tx := tr.Begin()
+	tr.Close(tx, 40) // no events: finished at once, but behind the sweep
+	tr.Close(sweep, 0)
+	if tr.Done() != 10 {
+		t.Fatal("done passed an unfinished sweep")
+	}
+	tr.Finish(sweep, 1)
+	if tr.Done() != 40 {
+		t.Fatalf("done = %d, want 40", tr.Done())
+	}
+}
+
+func TestAdvanceIdle(t *testing.T) {
+	tr := New(10)
+	if !tr.AdvanceIdle(20) || tr.Done() != 20 {
+		t.Fatal("idle tracker did not follow the WAL end")
+	}
+	a := tr.Begin()
+	if tr.AdvanceIdle(30) || tr.Done() != 20 {
+		t.Fatal("done followed the WAL end with a transaction open")
+	}
+	tr.Add(a)
+	tr.Close(a, 25)
+	if tr.AdvanceIdle(30) {
+		t.Fatal("done followed the WAL end with an event in flight")
+	}
+	tr.Finish(a, 1)
+	if !tr.AdvanceIdle(30) || tr.Done() != 30 {
+		t.Fatal("done did not follow the WAL end once idle")
+	}
+	if tr.AdvanceIdle(5) || tr.Done() != 30 {
+		t.Fatal("done moved backwards")
+	}
+}
+
+func TestAcknowledgeNeverPassesDone(t *testing.T) {
+	tr := New(0)
+	a := tr.Begin()
+	tr.Add(a)
+	tr.Close(a, 70)
+	if got := tr.Acknowledge(70); got != 0 {
+		t.Fatalf("acknowledged %s before the transaction was done", got)
+	}
+	tr.Finish(a, 1)
+	if got := tr.Acknowledge(70); got != 70 {
+		t.Fatalf("acknowledged %s, want 70", got)
+	}
+}
+
+// TestRandomCompletionOrder finishes events in random order and checks after
+// every step that done equals the end of the longest finished prefix.
+func TestRandomCompletionOrder(t *testing.T) {
+	for seed := uint64(0); seed < 50; seed++ {
+		rng := rand.New(rand.NewPCG(seed, 1))
+		tr := New(0)
+		type ev struct{ tx int }
+		var txs []*Tx
+		var ends []pglogrepl.LSN
+		var events []ev
+		remaining := map[int]int{}
+		for i := 0; i < 200; i++ {
+			tx := tr.Begin()
+			n := rng.IntN(4)
+			for j := 0; j < n; j++ {
+				tr.Add(tx)
+				events = append(events, ev{i})
+			}
+			remaining[i] = n
+			end := pglogrepl.LSN((i + 1) * 10)
+			tr.Close(tx, end)
+			txs = append(txs, tx)
+			ends = append(ends, end)
+		}
+		rng.Shuffle(len(events), func(i, j int) { events[i], events[j] = events[j], events[i] })
+		check := func() {
+			want := pglogrepl.LSN(0)
+			for i := range txs {
+				if remaining[i] > 0 {
+					break
+				}
+				want = ends[i]
+			}
+			if got := tr.Done(); got != want {
+				t.Fatalf("seed %d: done = %d, want %d (longest finished prefix)", seed, got, want)
+			}
+		}
+		check()
+		for _, e := range events {
+			tr.Finish(txs[e.tx], 1)
+			remaining[e.tx]--
+			check()
+		}
+		if tr.InFlight() != 0 {
+			t.Fatalf("seed %d: %d transactions still in flight", seed, tr.InFlight())
+		}
+	}
+}
