@@ -1,0 +1,246 @@
+// Package config reads the relay's configuration from RELAY_* environment
+// variables and validates it up front, with errors that name the variable.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"reflect"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/caarlos0/env/v10"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// Config is the whole configuration. Every field is documented in the README
+// with its default; the env tags are the contract.
+type Config struct {
+	// DatabaseURL is a normal PostgreSQL URL or keyword/value string; the
+	// replication connection is derived from it.
+	DatabaseURL string `env:"RELAY_DATABASE_URL"`
+	// AMQPURL is the RabbitMQ URL (amqp:// or amqps://).
+	AMQPURL string `env:"RELAY_AMQP_URL" envDefault:"amqp://guest:guest@localhost:5672/"`
+	// Slot is the logical replication slot the relay owns.
+	Slot string `env:"RELAY_SLOT" envDefault:"outbox_relay"`
+	// Publication names the publication the slot streams.
+	Publication string `env:"RELAY_PUBLICATION" envDefault:"outbox_relay_pub"`
+	// Table is the outbox table, schema-qualified or not.
+	Table string `env:"RELAY_TABLE" envDefault:"public.outbox_events"`
+	// Exchange is the durable topic exchange events are published to.
+	Exchange string `env:"RELAY_EXCHANGE" envDefault:"outbox.events"`
+	// RoutingKey is a template over {aggregate_type}, {event_type} and {aggregate_id}.
+	RoutingKey string `env:"RELAY_ROUTING_KEY" envDefault:"{aggregate_type}.{event_type}"`
+	// DeadLetterExchange receives events the broker can never accept.
+	DeadLetterExchange string `env:"RELAY_DEAD_LETTER_EXCHANGE" envDefault:"outbox.events.dead-letter"`
+	// Unroutable says what to do with an event no queue is bound for:
+	// dead-letter, retry or drop.
+	Unroutable string `env:"RELAY_UNROUTABLE" envDefault:"dead-letter"`
+	// MetricsAddr serves /metrics, /healthz and /readyz; empty disables it.
+	MetricsAddr string `env:"RELAY_METRICS_ADDR" envDefault:":9740"`
+	LogLevel    string `env:"RELAY_LOG_LEVEL" envDefault:"info"`
+	LogFormat   string `env:"RELAY_LOG_FORMAT" envDefault:"json"`
+
+	// PublishWindow caps messages published but not yet confirmed.
+	PublishWindow int `env:"RELAY_PUBLISH_WINDOW" envDefault:"1000"`
+	// MarkBatchSize caps the ids one UPDATE marks published.
+	MarkBatchSize int `env:"RELAY_MARK_BATCH_SIZE" envDefault:"500"`
+	// StatusInterval is how often the acknowledged LSN is sent to PostgreSQL.
+	StatusInterval time.Duration `env:"RELAY_STATUS_INTERVAL" envDefault:"1s"`
+	// BackoffMin and BackoffMax bound the reconnect and retry backoff.
+	BackoffMin time.Duration `env:"RELAY_BACKOFF_MIN" envDefault:"100ms"`
+	BackoffMax time.Duration `env:"RELAY_BACKOFF_MAX" envDefault:"15s"`
+	// ShutdownTimeout bounds the drain after SIGTERM.
+	ShutdownTimeout time.Duration `env:"RELAY_SHUTDOWN_TIMEOUT" envDefault:"30s"`
+	// MaxMessageBytes: bigger payloads are dead-lettered, never published.
+	MaxMessageBytes int `env:"RELAY_MAX_MESSAGE_BYTES" envDefault:"16777216"`
+}
+
+var slotPattern = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)
+
+// Load reads the environment and validates the result.
+func Load() (*Config, error) {
+	c, err := parse()
+	if err != nil {
+		return nil, err
+	}
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// parse reads the environment. env's errors name the Go field; ours name
+// the variable.
+func parse() (*Config, error) {
+	var c Config
+	err := env.Parse(&c)
+	if err == nil {
+		return &c, nil
+	}
+	var agg env.AggregateError
+	if !errors.As(err, &agg) {
+		return nil, fmt.Errorf("configuration: %w", err)
+	}
+	var errs []error
+	for _, e := range agg.Errors {
+		var pe env.ParseError
+		if errors.As(e, &pe) {
+			name := pe.Name
+			if f, ok := reflect.TypeOf(c).FieldByName(pe.Name); ok {
+				name, _, _ = strings.Cut(f.Tag.Get("env"), ",")
+			}
+			errs = append(errs, fmt.Errorf("%s: %w", name, pe.Err))
+			continue
+		}
+		errs = append(errs, e)
+	}
+	return nil, errors.Join(errs...)
+}
+
+// LoadForTools reads the environment for subcommands that need only the
+// database (migrate, status): the AMQP side is not validated.
+func LoadForTools() (*Config, error) {
+	c, err := parse()
+	if err != nil {
+		return nil, err
+	}
+	if err := c.validateDatabase(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+func (c *Config) validateDatabase() error {
+	var errs []error
+	if c.DatabaseURL == "" {
+		errs = append(errs, errors.New("RELAY_DATABASE_URL is required (a PostgreSQL URL such as postgres://user@host:5432/db)"))
+	} else if _, err := pgconn.ParseConfig(c.DatabaseURL); err != nil {
+		// pgconn's parse errors can quote the string; never echo it.
+		errs = append(errs, errors.New("RELAY_DATABASE_URL is not a valid PostgreSQL connection string"))
+	}
+	if !slotPattern.MatchString(c.Slot) {
+		errs = append(errs, fmt.Errorf("RELAY_SLOT %q is not a valid slot name (must match %s)", c.Slot, slotPattern))
+	}
+	if c.Publication == "" {
+		errs = append(errs, errors.New("RELAY_PUBLICATION must not be empty"))
+	}
+	if _, _, err := SplitTable(c.Table); err != nil {
+		errs = append(errs, fmt.Errorf("RELAY_TABLE: %w", err))
+	}
+	if _, err := ParseLevel(c.LogLevel); err != nil {
+		errs = append(errs, err)
+	}
+	if c.LogFormat != "json" && c.LogFormat != "console" {
+		errs = append(errs, fmt.Errorf("RELAY_LOG_FORMAT %q is not one of json, console", c.LogFormat))
+	}
+	return errors.Join(errs...)
+}
+
+// Validate checks every field and reports all problems at once.
+func (c *Config) Validate() error {
+	errs := []error{c.validateDatabase()}
+	if u, err := url.Parse(c.AMQPURL); err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") || u.Host == "" {
+		errs = append(errs, errors.New("RELAY_AMQP_URL must be an amqp:// or amqps:// URL with a host"))
+	}
+	if c.Exchange == "" {
+		errs = append(errs, errors.New("RELAY_EXCHANGE must not be empty"))
+	}
+	if c.DeadLetterExchange == "" {
+		errs = append(errs, errors.New("RELAY_DEAD_LETTER_EXCHANGE must not be empty"))
+	}
+	if c.DeadLetterExchange == c.Exchange {
+		errs = append(errs, errors.New("RELAY_DEAD_LETTER_EXCHANGE must differ from RELAY_EXCHANGE"))
+	}
+	if _, err := ParseRoutingKey(c.RoutingKey); err != nil {
+		errs = append(errs, fmt.Errorf("RELAY_ROUTING_KEY: %w", err))
+	}
+	switch c.Unroutable {
+	case "dead-letter", "retry", "drop":
+	default:
+		errs = append(errs, fmt.Errorf("RELAY_UNROUTABLE %q is not one of dead-letter, retry, drop", c.Unroutable))
+	}
+	positive := func(name string, v int) {
+		if v <= 0 {
+			errs = append(errs, fmt.Errorf("%s must be positive, got %d", name, v))
+		}
+	}
+	positive("RELAY_PUBLISH_WINDOW", c.PublishWindow)
+	positive("RELAY_MARK_BATCH_SIZE", c.MarkBatchSize)
+	positive("RELAY_MAX_MESSAGE_BYTES", c.MaxMessageBytes)
+	durations := []struct {
+		name string
+		v    time.Duration
+	}{
+		{"RELAY_STATUS_INTERVAL", c.StatusInterval},
+		{"RELAY_BACKOFF_MIN", c.BackoffMin},
+		{"RELAY_BACKOFF_MAX", c.BackoffMax},
+		{"RELAY_SHUTDOWN_TIMEOUT", c.ShutdownTimeout},
+	}
+	for _, d := range durations {
+		if d.v <= 0 {
+			errs = append(errs, fmt.Errorf("%s must be a positive duration, got %s", d.name, d.v))
+		}
+	}
+	if c.BackoffMax < c.BackoffMin {
+		errs = append(errs, errors.New("RELAY_BACKOFF_MAX must not be less than RELAY_BACKOFF_MIN"))
+	}
+	return errors.Join(errs...)
+}
+
+// SplitTable splits "schema.table" (schema defaults to public).
+func SplitTable(s string) (schema, table string, err error) {
+	parts := strings.Split(s, ".")
+	switch {
+	case len(parts) == 1 && parts[0] != "":
+		return "public", parts[0], nil
+	case len(parts) == 2 && parts[0] != "" && parts[1] != "":
+		return parts[0], parts[1], nil
+	}
+	return "", "", fmt.Errorf("%q is not a table name of the form schema.table", s)
+}
+
+// Redact returns a URL with its password replaced, for logs and errors.
+// Keyword/value strings have their password= value replaced.
+func Redact(raw string) string {
+	if u, err := url.Parse(raw); err == nil && u.Scheme != "" && u.Host != "" {
+		if _, ok := u.User.Password(); ok {
+			u.User = url.UserPassword(u.User.Username(), "xxxxx")
+		}
+		q := u.Query()
+		if q.Has("password") {
+			q.Set("password", "xxxxx")
+			u.RawQuery = q.Encode()
+		}
+		return u.String()
+	}
+	return kvPassword.ReplaceAllString(raw, "${1}xxxxx")
+}
+
+var kvPassword = regexp.MustCompile(`(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)`)
+
+// ReadSecretFiles lets NAME_FILE stand for NAME, for container secrets: when
+// NAME is unset and NAME_FILE names a file, NAME is set to its trimmed
+// content. It must run before Load.
+func ReadSecretFiles(names ...string) error {
+	for _, name := range names {
+		path := os.Getenv(name + "_FILE")
+		if path == "" {
+			continue
+		}
+		if os.Getenv(name) != "" {
+			return fmt.Errorf("both %s and %s_FILE are set; set one", name, name)
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return fmt.Errorf("%s_FILE: %w", name, err)
+		}
+		if err := os.Setenv(name, strings.TrimSpace(string(b))); err != nil {
+			return fmt.Errorf("%s_FILE: %w", name, err)
+		}
+	}
+	return nil
+}

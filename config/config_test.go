@@ -1,0 +1,124 @@
+package config
+
+import (
+	"strings"
+	"testing"
+)
+
+func setEnv(t *testing.T, kv map[string]string) {
+	t.Helper()
+	for k, v := range kv {
+		t.Setenv(k, v)
+	}
+}
+
+func TestDefaults(t *testing.T) {
+	setEnv(t, map[string]string{"RELAY_DATABASE_URL": "postgres://u:secret@db:5432/app"})
+	c, err := Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Slot != "outbox_relay" || c.Publication != "outbox_relay_pub" || c.Table != "public.outbox_events" ||
+		c.Exchange != "outbox.events" || c.DeadLetterExchange != "outbox.events.dead-letter" ||
+		c.RoutingKey != "{aggregate_type}.{event_type}" || c.MetricsAddr != ":9740" ||
+		c.LogLevel != "info" || c.LogFormat != "json" || c.AMQPURL != "amqp://guest:guest@localhost:5672/" {
+		t.Fatalf("unexpected defaults: %+v", c)
+	}
+}
+
+func TestErrorsNameTheVariable(t *testing.T) {
+	cases := []struct {
+		env  map[string]string
+		want string
+	}{
+		{map[string]string{}, "RELAY_DATABASE_URL is required"},
+		{map[string]string{"RELAY_DATABASE_URL": "postgres://u:hunter2@db:notaport/x"}, "RELAY_DATABASE_URL is not a valid"},
+		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_SLOT": "Bad-Slot"}, "RELAY_SLOT"},
+		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_LOG_LEVEL": "loud"}, "RELAY_LOG_LEVEL"},
+		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_LOG_FORMAT": "xml"}, "RELAY_LOG_FORMAT"},
+		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_AMQP_URL": "http://x"}, "RELAY_AMQP_URL"},
+		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_ROUTING_KEY": "{nope}"}, "RELAY_ROUTING_KEY"},
+		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_PUBLISH_WINDOW": "0"}, "RELAY_PUBLISH_WINDOW"},
+		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_TABLE": "a.b.c"}, "RELAY_TABLE"},
+		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_UNROUTABLE": "ignore"}, "RELAY_UNROUTABLE"},
+		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_STATUS_INTERVAL": "soon"}, "RELAY_STATUS_INTERVAL"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.want, func(t *testing.T) {
+			t.Setenv("RELAY_DATABASE_URL", "")
+			setEnv(t, tc.env)
+			_, err := Load()
+			if err == nil {
+				t.Fatal("Load accepted bad configuration")
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %q does not name %s", err, tc.want)
+			}
+			if strings.Contains(err.Error(), "hunter2") {
+				t.Fatalf("error leaks the password: %q", err)
+			}
+		})
+	}
+}
+
+func TestRedact(t *testing.T) {
+	cases := map[string]string{
+		"postgres://user:s3cret@db:5432/app?sslmode=disable": "postgres://user:xxxxx@db:5432/app?sslmode=disable",
+		"amqp://guest:s3cret@rabbit:5672/":                   "amqp://guest:xxxxx@rabbit:5672/",
+		"host=db user=u password=s3cret dbname=app":          "host=db user=u password=xxxxx dbname=app",
+		"host=db password='s3 cret' dbname=app":              "host=db password=xxxxx dbname=app",
+		"postgres://db/app?password=s3cret":                  "postgres://db/app?password=xxxxx",
+		"postgres://user@db/app":                             "postgres://user@db/app",
+	}
+	for in, want := range cases {
+		if got := Redact(in); got != want {
+			t.Errorf("Redact(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestRoutingKey(t *testing.T) {
+	k, err := ParseRoutingKey("{aggregate_type}.{event_type}")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := k.Render("order", "created", "id"); got != "order.created" {
+		t.Fatalf("got %q", got)
+	}
+	k, _ = ParseRoutingKey("events.{aggregate_type}.{aggregate_id}")
+	if got := k.Render("order", "created", "42"); got != "events.order.42" {
+		t.Fatalf("got %q", got)
+	}
+	k, _ = ParseRoutingKey("fixed")
+	if got := k.Render("a", "b", "c"); got != "fixed" {
+		t.Fatalf("got %q", got)
+	}
+	for _, bad := range []string{"{aggregate_type", "{x}"} {
+		if _, err := ParseRoutingKey(bad); err == nil {
+			t.Fatalf("ParseRoutingKey(%q) accepted", bad)
+		}
+	}
+}
+
+func TestSecretFiles(t *testing.T) {
+	path := t.TempDir() + "/url"
+	if err := writeFile(path, "postgres://u:p@db/x\n"); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("RELAY_DATABASE_URL", "")
+	t.Setenv("RELAY_DATABASE_URL_FILE", path)
+	if err := ReadSecretFiles("RELAY_DATABASE_URL"); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.DatabaseURL != "postgres://u:p@db/x" {
+		t.Fatalf("got %q", c.DatabaseURL)
+	}
+	t.Setenv("RELAY_DATABASE_URL", "postgres://other")
+	if err := ReadSecretFiles("RELAY_DATABASE_URL"); err == nil {
+		t.Fatal("both the variable and its _FILE were accepted")
+	}
+}

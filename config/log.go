@@ -1,0 +1,34 @@
+package config
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"time"
+
+	"github.com/rs/zerolog"
+)
+
+// ParseLevel parses RELAY_LOG_LEVEL.
+func ParseLevel(s string) (zerolog.Level, error) {
+	switch s {
+	case "trace", "debug", "info", "warn", "error":
+		return zerolog.ParseLevel(s)
+	}
+	return zerolog.NoLevel, fmt.Errorf("RELAY_LOG_LEVEL %q is not one of trace, debug, info, warn, error", s)
+}
+
+// Logger builds the process logger: JSON by default, console for people.
+func (c *Config) Logger(w io.Writer) zerolog.Logger {
+	if w == nil {
+		w = os.Stderr
+	}
+	level, err := ParseLevel(c.LogLevel)
+	if err != nil {
+		level = zerolog.InfoLevel
+	}
+	if c.LogFormat == "console" {
+		w = zerolog.ConsoleWriter{Out: w, TimeFormat: time.RFC3339}
+	}
+	return zerolog.New(w).Level(level).With().Timestamp().Logger()
+}
