@@ -1,0 +1,145 @@
+// Package metrics defines the relay's Prometheus metrics (the names are part
+// of the contract in DESIGN.md) and serves /metrics, /healthz and /readyz.
+package metrics
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Metrics holds every collector the relay updates.
+type Metrics struct {
+	Registry *prometheus.Registry
+
+	EventsPublished  prometheus.Counter
+	EventsSkipped    prometheus.Counter
+	DeadLettered     *prometheus.CounterVec // by reason class
+	ReplicationLag   prometheus.Gauge
+	AckedLSN         prometheus.Gauge
+	ReceivedLSN      prometheus.Gauge
+	ServerWALEnd     prometheus.Gauge
+	ConfirmSeconds   prometheus.Histogram
+	DeliverySeconds  prometheus.Histogram
+	MarkSeconds      prometheus.Histogram
+	Reconnects       *prometheus.CounterVec // by dependency
+	Retries          *prometheus.CounterVec // by dependency and kind
+	Standby          prometheus.Gauge
+	SweptEvents      prometheus.Counter
+	SlotWALRetained  prometheus.Gauge
+	Unpublished      prometheus.Gauge
+	OldestUnpublishd prometheus.Gauge
+
+	mu    sync.Mutex
+	ready string // "" when ready, otherwise why not
+}
+
+// New registers the relay's metrics and the Go runtime collectors.
+func New() *Metrics {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	f := func(c prometheus.Collector) { reg.MustRegister(c) }
+	m := &Metrics{Registry: reg, ready: "starting"}
+	m.EventsPublished = prometheus.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_events_published_total",
+		Help: "Events confirmed by the broker and marked published."})
+	m.EventsSkipped = prometheus.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_events_skipped_total",
+		Help: "Replayed events not published again because their row was already marked."})
+	m.DeadLettered = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outbox_relay_events_dead_lettered_total",
+		Help: "Events sent to the dead-letter exchange, by reason."}, []string{"reason"})
+	m.ReplicationLag = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_replication_lag_bytes",
+		Help: "Server WAL end minus the acknowledged LSN."})
+	m.AckedLSN = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_acknowledged_lsn",
+		Help: "The LSN last acknowledged to PostgreSQL as flushed."})
+	m.ReceivedLSN = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_received_lsn",
+		Help: "The newest WAL position received from the slot."})
+	m.ServerWALEnd = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_server_wal_end_lsn",
+		Help: "The server's WAL end as last reported on the stream."})
+	m.ConfirmSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "outbox_relay_publish_confirm_seconds",
+		Help: "Time from publish to the broker's confirm.", Buckets: prometheus.ExponentialBuckets(0.0001, 2.5, 14)})
+	m.DeliverySeconds = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "outbox_relay_event_delivery_seconds",
+		Help: "Time from occurred_at to the broker's confirm.", Buckets: prometheus.ExponentialBuckets(0.0005, 2.5, 16)})
+	m.MarkSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "outbox_relay_mark_seconds",
+		Help: "Duration of one mark UPDATE.", Buckets: prometheus.ExponentialBuckets(0.0005, 2.5, 12)})
+	m.Reconnects = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outbox_relay_reconnects_total",
+		Help: "Sessions restarted after a failure, by the dependency that failed."}, []string{"dependency"})
+	m.Retries = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outbox_relay_retries_total",
+		Help: "Operations retried, by dependency and kind."}, []string{"dependency", "kind"})
+	m.Standby = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_standby",
+		Help: "1 while this instance waits because another relay holds the slot."})
+	m.SweptEvents = prometheus.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_swept_events_total",
+		Help: "Unpublished rows found in the table (not in the stream) and published."})
+	m.SlotWALRetained = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_slot_wal_retained_bytes",
+		Help: "WAL the slot holds back (current WAL LSN minus the slot's restart_lsn)."})
+	m.Unpublished = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_unpublished_rows",
+		Help: "Rows with published_at IS NULL."})
+	m.OldestUnpublishd = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_oldest_unpublished_age_seconds",
+		Help: "Age of the oldest unpublished row."})
+	for _, c := range []prometheus.Collector{m.EventsPublished, m.EventsSkipped, m.DeadLettered, m.ReplicationLag,
+		m.AckedLSN, m.ReceivedLSN, m.ServerWALEnd, m.ConfirmSeconds, m.DeliverySeconds, m.MarkSeconds, m.Reconnects,
+		m.Retries, m.Standby, m.SweptEvents, m.SlotWALRetained, m.Unpublished, m.OldestUnpublishd} {
+		f(c)
+	}
+	return m
+}
+
+// SetReady records whether the relay is streaming; why is shown by /readyz.
+func (m *Metrics) SetReady(ready bool, why string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if ready {
+		m.ready = ""
+	} else {
+		m.ready = why
+	}
+}
+
+// Ready returns "" when ready, else the reason.
+func (m *Metrics) Ready() string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.ready
+}
+
+// Handler serves /metrics, /healthz and /readyz.
+func (m *Metrics) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if why := m.Ready(); why != "" {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			_, _ = w.Write([]byte(why + "\n"))
+			return
+		}
+		_, _ = w.Write([]byte("streaming\n"))
+	})
+	return mux
+}
+
+// Serve listens on addr until ctx ends.
+func (m *Metrics) Serve(ctx context.Context, addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: m.Handler(), ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}

@@ -1,0 +1,186 @@
+package replication
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+)
+
+// SQLSTATEs the relay reacts to.
+const (
+	CodeObjectInUse     = "55006" // the slot is active for another process
+	CodeUndefinedObject = "42704" // no such slot or publication
+	CodeDuplicateObject = "42710" // the slot already exists
+)
+
+// HasCode reports whether err carries the given SQLSTATE.
+func HasCode(err error, code string) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == code
+}
+
+// SlotInUse reports whether err says another process streams from the slot.
+func SlotInUse(err error) bool { return HasCode(err, CodeObjectInUse) }
+
+// Conn is a replication connection.
+type Conn struct {
+	pg *pgconn.PgConn
+}
+
+// Config returns the replication connection's configuration derived from a
+// normal database URL: same server, user and TLS settings, plus
+// replication=database, UTC and ISO dates (the decoder parses timestamps in
+// that form).
+func Config(databaseURL, applicationName string) (*pgconn.Config, error) {
+	cfg, err := pgconn.ParseConfig(databaseURL)
+	if err != nil {
+		return nil, errors.New("RELAY_DATABASE_URL is not a valid PostgreSQL connection string")
+	}
+	cfg.RuntimeParams["replication"] = "database"
+	cfg.RuntimeParams["application_name"] = applicationName
+	cfg.RuntimeParams["TimeZone"] = "UTC"
+	cfg.RuntimeParams["DateStyle"] = "ISO, YMD"
+	if cfg.ConnectTimeout == 0 {
+		cfg.ConnectTimeout = 15 * time.Second
+	}
+	return cfg, nil
+}
+
+// Connect opens a replication connection.
+func Connect(ctx context.Context, cfg *pgconn.Config) (*Conn, error) {
+	pg, err := pgconn.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("open replication connection: %w", err)
+	}
+	return &Conn{pg: pg}, nil
+}
+
+// IdentifySystem runs IDENTIFY_SYSTEM.
+func (c *Conn) IdentifySystem(ctx context.Context) (pglogrepl.IdentifySystemResult, error) {
+	r, err := pglogrepl.IdentifySystem(ctx, c.pg)
+	if err != nil {
+		return r, fmt.Errorf("IDENTIFY_SYSTEM: %w", err)
+	}
+	return r, nil
+}
+
+// Slot is a created slot and the snapshot it exported.
+type Slot struct {
+	ConsistentPoint pglogrepl.LSN
+	// Snapshot is valid only until the next command on this connection.
+	Snapshot string
+}
+
+// CreateSlot creates a pgoutput slot and exports its snapshot: rows visible
+// in that snapshot will never come through the slot, everything committed
+// after it will.
+func (c *Conn) CreateSlot(ctx context.Context, name string) (Slot, error) {
+	res, err := pglogrepl.CreateReplicationSlot(ctx, c.pg, name, "pgoutput",
+		pglogrepl.CreateReplicationSlotOptions{Mode: pglogrepl.LogicalReplication, SnapshotAction: "EXPORT_SNAPSHOT"})
+	if err != nil {
+		return Slot{}, fmt.Errorf("create replication slot %q: %w", name, err)
+	}
+	lsn, err := pglogrepl.ParseLSN(res.ConsistentPoint)
+	if err != nil {
+		return Slot{}, fmt.Errorf("create replication slot %q: consistent point: %w", name, err)
+	}
+	return Slot{ConsistentPoint: lsn, Snapshot: res.SnapshotName}, nil
+}
+
+// Start begins streaming from the slot. A zero start LSN resumes at the
+// slot's confirmed position.
+func (c *Conn) Start(ctx context.Context, slot, publication string, start pglogrepl.LSN) error {
+	// pgoutput splits publication_names like an identifier list.
+	pubs := "'" + strings.ReplaceAll(pgx.Identifier{publication}.Sanitize(), "'", "''") + "'"
+	err := pglogrepl.StartReplication(ctx, c.pg, slot, start, pglogrepl.StartReplicationOptions{
+		Mode:       pglogrepl.LogicalReplication,
+		PluginArgs: []string{"proto_version '1'", "publication_names " + pubs},
+	})
+	if err != nil {
+		return fmt.Errorf("START_REPLICATION on slot %q: %w", slot, err)
+	}
+	return nil
+}
+
+// Message is one message from the stream.
+type Message struct {
+	// Keepalive is true for a primary keepalive; Data is nil then.
+	Keepalive      bool
+	ReplyRequested bool
+	WALStart       pglogrepl.LSN
+	ServerWALEnd   pglogrepl.LSN
+	// Data is the pgoutput message. It is only valid until the next Receive.
+	Data []byte
+}
+
+// ErrTimeout is returned by Receive when the deadline passes first.
+var ErrTimeout = errors.New("no replication message before the deadline")
+
+// Receive reads the next message, waiting at most until deadline.
+func (c *Conn) Receive(deadline time.Time) (Message, error) {
+	if err := c.pg.Conn().SetReadDeadline(deadline); err != nil {
+		return Message{}, fmt.Errorf("set read deadline: %w", err)
+	}
+	for {
+		raw, err := c.pg.ReceiveMessage(context.Background())
+		if err != nil {
+			if pgconn.Timeout(err) {
+				return Message{}, ErrTimeout
+			}
+			return Message{}, fmt.Errorf("receive from replication stream: %w", err)
+		}
+		switch msg := raw.(type) {
+		case *pgproto3.CopyData:
+			if len(msg.Data) == 0 {
+				return Message{}, errors.New("replication stream: empty CopyData")
+			}
+			switch msg.Data[0] {
+			case pglogrepl.PrimaryKeepaliveMessageByteID:
+				ka, err := pglogrepl.ParsePrimaryKeepaliveMessage(msg.Data[1:])
+				if err != nil {
+					return Message{}, fmt.Errorf("parse keepalive: %w", err)
+				}
+				return Message{Keepalive: true, ReplyRequested: ka.ReplyRequested, ServerWALEnd: ka.ServerWALEnd}, nil
+			case pglogrepl.XLogDataByteID:
+				x, err := pglogrepl.ParseXLogData(msg.Data[1:])
+				if err != nil {
+					return Message{}, fmt.Errorf("parse XLogData: %w", err)
+				}
+				return Message{WALStart: x.WALStart, ServerWALEnd: x.ServerWALEnd, Data: x.WALData}, nil
+			}
+		case *pgproto3.ErrorResponse:
+			return Message{}, fmt.Errorf("replication stream: %w", pgconn.ErrorResponseToPgError(msg))
+		case *pgproto3.CopyDone:
+			return Message{}, errors.New("replication stream ended by the server")
+		}
+		// Anything else (notices, parameter status) is ignored.
+	}
+}
+
+// SendStatus sends a standby status update acknowledging pos as written,
+// flushed and applied.
+func (c *Conn) SendStatus(pos pglogrepl.LSN, replyRequested bool) error {
+	err := pglogrepl.SendStandbyStatusUpdate(context.Background(), c.pg, pglogrepl.StandbyStatusUpdate{
+		WALWritePosition: pos,
+		WALFlushPosition: pos,
+		WALApplyPosition: pos,
+		ClientTime:       time.Now(),
+		ReplyRequested:   replyRequested,
+	})
+	if err != nil {
+		return fmt.Errorf("send standby status: %w", err)
+	}
+	return nil
+}
+
+// Close closes the connection.
+func (c *Conn) Close(ctx context.Context) error {
+	return c.pg.Close(ctx)
+}

@@ -1,0 +1,66 @@
+package sink
+
+import (
+	"context"
+	"time"
+)
+
+// Message is one outbox event as a broker sees it.
+type Message struct {
+	ID            string // the row id: message_id, so consumers can deduplicate
+	Key           string // routing key (or subject)
+	Type          string // event_type
+	AggregateType string
+	AggregateID   string
+	OccurredAt    time.Time
+	Body          []byte // the payload JSON exactly as stored
+}
+
+// Outcome is the broker's verdict on one message.
+type Outcome uint8
+
+const (
+	// Acked: the broker took responsibility for the message.
+	Acked Outcome = iota + 1
+	// Nacked: the broker refused it (an internal error); retry it.
+	Nacked
+	// Returned: no queue was bound for its routing key.
+	Returned
+)
+
+func (o Outcome) String() string {
+	switch o {
+	case Acked:
+		return "acked"
+	case Nacked:
+		return "nacked"
+	case Returned:
+		return "returned"
+	}
+	return "unknown"
+}
+
+// Result is the outcome of a publish, with the broker's reason if any.
+type Result struct {
+	Outcome Outcome
+	Reason  string
+}
+
+// Pending is a published message awaiting its confirmation.
+type Pending interface {
+	// Wait blocks until the broker's verdict or a connection failure.
+	Wait(ctx context.Context) (Result, error)
+}
+
+// Publisher is what the relay needs from a broker.
+type Publisher interface {
+	// Publish sends m without waiting for its confirmation.
+	Publish(ctx context.Context, m *Message) (Pending, error)
+	// DeadLetter sends m to the dead-letter destination with the reason and
+	// waits until the broker confirms it.
+	DeadLetter(ctx context.Context, m *Message, reason string) error
+	// Reject returns why m can never be accepted by this broker, or "".
+	Reject(m *Message) string
+	// Close releases the connection.
+	Close() error
+}
