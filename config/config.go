@@ -24,6 +24,10 @@ type Config struct {
 	DatabaseURL string `env:"RELAY_DATABASE_URL"`
 	// AMQPURL is the RabbitMQ URL (amqp:// or amqps://).
 	AMQPURL string `env:"RELAY_AMQP_URL" envDefault:"amqp://guest:guest@localhost:5672/"`
+	// AMQPCAFile, AMQPCertFile and AMQPKeyFile configure TLS for amqps://.
+	AMQPCAFile   string `env:"RELAY_AMQP_CA_FILE"`
+	AMQPCertFile string `env:"RELAY_AMQP_CERT_FILE"`
+	AMQPKeyFile  string `env:"RELAY_AMQP_KEY_FILE"`
 	// Slot is the logical replication slot the relay owns.
 	Slot string `env:"RELAY_SLOT" envDefault:"outbox_relay"`
 	// Publication names the publication the slot streams.

@@ -1,0 +1,289 @@
+// Command outbox-relay streams a PostgreSQL transactional outbox to RabbitMQ
+// through a logical replication slot. See the README for the contract.
+//
+// This file is wiring only: configuration, logging, signals and the
+// constructors of each stage; the engine is package relay.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outbox-relay/outbox-relay/config"
+	"github.com/outbox-relay/outbox-relay/metrics"
+	"github.com/outbox-relay/outbox-relay/migrations"
+	"github.com/outbox-relay/outbox-relay/relay"
+	"github.com/outbox-relay/outbox-relay/replication"
+	"github.com/outbox-relay/outbox-relay/sink"
+	"github.com/outbox-relay/outbox-relay/status"
+)
+
+// version is set with -ldflags "-X main.version=…"; otherwise the module's.
+var version = ""
+
+const usage = `usage: outbox-relay [command] [flags]
+
+commands:
+  run       stream the outbox to RabbitMQ (the default)
+  migrate   create or upgrade the outbox table, index and publication
+  status    show the slot, publication and unpublished rows (--json)
+  version   print the version
+
+Configuration is read from RELAY_* environment variables; see the README.
+`
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	cmd := "run"
+	if len(args) > 0 && args[0] != "" && args[0][0] != '-' {
+		cmd, args = args[0], args[1:]
+	}
+	switch cmd {
+	case "run":
+		return cmdRun(args, stderr)
+	case "migrate":
+		return cmdMigrate(args, stdout, stderr)
+	case "status":
+		return cmdStatus(args, stdout, stderr)
+	case "version":
+		fmt.Fprintln(stdout, "outbox-relay", versionString())
+		return 0
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	fmt.Fprintf(stderr, "outbox-relay: unknown command %q\n\n%s", cmd, usage)
+	return 2
+}
+
+func versionString() string {
+	if version != "" {
+		return version
+	}
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" {
+		return bi.Main.Version
+	}
+	return "devel"
+}
+
+// loadConfig reads the environment; tools need only the database.
+func loadConfig(stderr io.Writer, forTools bool) (*config.Config, bool) {
+	if err := config.ReadSecretFiles("RELAY_DATABASE_URL", "RELAY_AMQP_URL"); err != nil {
+		fmt.Fprintf(stderr, "outbox-relay: configuration: %v\n", err)
+		return nil, false
+	}
+	load := config.Load
+	if forTools {
+		load = config.LoadForTools
+	}
+	cfg, err := load()
+	if err != nil {
+		fmt.Fprintf(stderr, "outbox-relay: invalid configuration:\n%v\n", err)
+		return nil, false
+	}
+	return cfg, true
+}
+
+func newPool(ctx context.Context, cfg *config.Config, maxConns int32) (*pgxpool.Pool, error) {
+	pc, err := pgxpool.ParseConfig(cfg.DatabaseURL)
+	if err != nil {
+		return nil, errors.New("RELAY_DATABASE_URL is not a valid PostgreSQL connection string")
+	}
+	pc.MaxConns = maxConns
+	pc.ConnConfig.RuntimeParams["application_name"] = "outbox-relay"
+	if pc.ConnConfig.ConnectTimeout == 0 {
+		pc.ConnConfig.ConnectTimeout = 15 * time.Second
+	}
+	return pgxpool.NewWithConfig(ctx, pc)
+}
+
+func cmdRun(args []string, stderr io.Writer) int {
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	cfg, ok := loadConfig(stderr, false)
+	if !ok {
+		return 2
+	}
+	log := cfg.Logger(stderr)
+
+	// First signal: stop reading, drain, acknowledge, exit 0.
+	// Second signal: exit at once; nothing acknowledged is lost.
+	ctx, stop := context.WithCancel(context.Background())
+	defer stop()
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	go func() {
+		sig := <-sigs
+		log.Info().Str("signal", sig.String()).Msg("stopping: finishing in-flight events")
+		stop()
+		first := time.Now()
+		// Some supervisors signal the whole process group, so one stop can
+		// arrive twice at once; a person's second Ctrl-C comes later.
+		for sig = range sigs {
+			if time.Since(first) > 500*time.Millisecond {
+				break
+			}
+		}
+		log.Warn().Str("signal", sig.String()).Msg("second signal: exiting now; unacknowledged events will be replayed")
+		os.Exit(1)
+	}()
+
+	log.Info().Str("version", versionString()).
+		Str("database", config.Redact(cfg.DatabaseURL)).Str("amqp", config.Redact(cfg.AMQPURL)).
+		Str("slot", cfg.Slot).Str("publication", cfg.Publication).Str("table", cfg.Table).
+		Str("exchange", cfg.Exchange).Msg("starting outbox-relay")
+
+	m := metrics.New()
+	if cfg.MetricsAddr != "" {
+		mctx, mstop := context.WithCancel(context.Background())
+		defer mstop()
+		go func() {
+			if err := m.Serve(mctx, cfg.MetricsAddr); err != nil {
+				log.Error().Err(err).Str("addr", cfg.MetricsAddr).Msg("metrics server (RELAY_METRICS_ADDR) failed")
+			}
+		}()
+	}
+
+	pool, err := newPool(ctx, cfg, 4)
+	if err != nil {
+		log.Error().Err(err).Msg("cannot start")
+		return 1
+	}
+	defer pool.Close()
+	replCfg, err := replication.Config(cfg.DatabaseURL, "outbox-relay")
+	if err != nil {
+		log.Error().Err(err).Msg("cannot start")
+		return 1
+	}
+	tlsCfg, err := cfg.AMQPTLS()
+	if err != nil {
+		log.Error().Err(err).Msg("cannot start")
+		return 1
+	}
+	r, err := relay.New(relay.Options{
+		Config:      cfg,
+		Pool:        pool,
+		Log:         log,
+		Metrics:     m,
+		Replication: replCfg,
+		NewPublisher: func(ctx context.Context) (sink.Publisher, error) {
+			return sink.DialRabbitMQ(ctx, sink.RabbitMQConfig{
+				URL:                cfg.AMQPURL,
+				Exchange:           cfg.Exchange,
+				DeadLetterExchange: cfg.DeadLetterExchange,
+				MaxMessageBytes:    cfg.MaxMessageBytes,
+				TLS:                tlsCfg,
+				OnBlocked: func(blocked bool, reason string) {
+					log.Warn().Bool("blocked", blocked).Str("reason", reason).Msg("RabbitMQ flow control")
+				},
+			})
+		},
+	})
+	if err != nil {
+		log.Error().Err(err).Msg("cannot start")
+		return 1
+	}
+	if err := r.Run(ctx); err != nil {
+		log.Error().Err(err).Msg("outbox-relay stopped")
+		return 1
+	}
+	log.Info().Msg("outbox-relay stopped cleanly")
+	return 0
+}
+
+func cmdMigrate(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("migrate", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	cfg, ok := loadConfig(stderr, true)
+	if !ok {
+		return 2
+	}
+	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer cancel()
+	cc, err := pgx.ParseConfig(cfg.DatabaseURL)
+	if err != nil {
+		fmt.Fprintln(stderr, "outbox-relay migrate: RELAY_DATABASE_URL is not a valid PostgreSQL connection string")
+		return 2
+	}
+	conn, err := pgx.ConnectConfig(ctx, cc)
+	if err != nil {
+		fmt.Fprintf(stderr, "outbox-relay migrate: connect to %s: %v\n", config.Redact(cfg.DatabaseURL), err)
+		return 1
+	}
+	defer conn.Close(context.Background())
+	schema, table, _ := config.SplitTable(cfg.Table)
+	res, err := migrations.Apply(ctx, conn, migrations.Target{Schema: schema, Table: table, Publication: cfg.Publication})
+	if err != nil {
+		fmt.Fprintf(stderr, "outbox-relay migrate: %v\n", err)
+		return 1
+	}
+	if len(res.Applied) == 0 {
+		fmt.Fprintf(stdout, "up to date at version %d (%s, publication %s)\n", res.Current, cfg.Table, cfg.Publication)
+		return 0
+	}
+	for _, name := range res.Applied {
+		fmt.Fprintf(stdout, "applied %s\n", name)
+	}
+	fmt.Fprintf(stdout, "now at version %d (%s, publication %s)\n", res.Current, cfg.Table, cfg.Publication)
+	return 0
+}
+
+func cmdStatus(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("status", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	asJSON := fs.Bool("json", false, "print JSON")
+	stuck := fs.Duration("stuck-after", 5*time.Minute, "exit 1 when the oldest unpublished row is older than this (0 disables)")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	cfg, ok := loadConfig(stderr, true)
+	if !ok {
+		return 2
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	pool, err := newPool(ctx, cfg, 1)
+	if err != nil {
+		fmt.Fprintf(stderr, "outbox-relay status: %v\n", err)
+		return 2
+	}
+	defer pool.Close()
+	schema, table, _ := config.SplitTable(cfg.Table)
+	rep, err := status.Gather(ctx, pool, cfg.Slot, cfg.Publication, schema, table, *stuck)
+	if err != nil {
+		fmt.Fprintf(stderr, "outbox-relay status: %s: %v\n", config.Redact(cfg.DatabaseURL), err)
+		return 1
+	}
+	if *asJSON {
+		err = rep.WriteJSON(stdout)
+	} else {
+		err = rep.WriteText(stdout)
+	}
+	if err != nil {
+		return 1
+	}
+	if len(rep.Problems) > 0 {
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,39 @@
+// Package relay is the engine: it wires the replication stream, the decoder,
+// the broker and the checkpoint into one pipeline and keeps it running
+// across failures.
+//
+// # Pipeline
+//
+// One session is four goroutines joined by bounded channels:
+//
+//		reader ──items──▶ publisher ──pending──▶ confirmer ──confirmed──▶ marker
+//
+//	  - reader owns the replication connection (no other goroutine touches
+//	    it): it decodes messages, registers transactions with the checkpoint
+//	    tracker, sends status updates on an interval and at once when the
+//	    server asks, and acknowledges only tracker.Done().
+//	  - publisher publishes without waiting. The pending channel's capacity is
+//	    RELAY_PUBLISH_WINDOW, so a slow broker slows the reader instead of
+//	    filling memory (invariant 9).
+//	  - confirmer waits for confirms in publish order; returned, nacked and
+//	    poison events take their policy here (dead-letter, retry).
+//	  - marker sets published_at in batches (UPDATE … WHERE id = ANY($1) AND
+//	    published_at IS NULL) and retries rows the UPDATE did not reach
+//	    because their transaction is not yet visible (invariant 5). Only then
+//	    does it finish the events in the tracker.
+//
+// # Guarantees
+//
+// Ack after done (1): the flushed LSN sent to PostgreSQL is the end of the
+// longest prefix of transactions whose events are all confirmed and marked.
+// Order (3): one channel, publish in stream order, so commit order and insert
+// order hold. Nothing lost (2): every failure ends the session; the next one
+// starts from the slot's confirmed position and republishes whatever was not
+// acknowledged. Few duplicates (4): on replay, rows already marked are
+// skipped (checked in batches until the first unmarked row, since marks
+// follow stream order); only events confirmed but not yet marked when the
+// relay died are published twice, and message_id lets consumers drop them.
+// The table is the backstop (7): when the relay creates its slot (first
+// start, or after the slot was lost) it publishes the unpublished rows
+// visible in the slot's exported snapshot before streaming.
+package relay

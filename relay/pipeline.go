@@ -1,0 +1,207 @@
+package relay
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/outbox-relay/outbox-relay/sink"
+)
+
+// recv takes the next item; ok is false when in is closed or ctx ended.
+func recv(ctx context.Context, in <-chan *item) (*item, bool, error) {
+	select {
+	case it, ok := <-in:
+		return it, ok, nil
+	case <-ctx.Done():
+		return nil, false, ctx.Err()
+	}
+}
+
+func forward(ctx context.Context, out chan<- *item, it *item) error {
+	select {
+	case out <- it:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// publish turns items into messages and publishes them without waiting.
+// The pending channel holds at most RELAY_PUBLISH_WINDOW unconfirmed
+// messages, which is what bounds the broker's side of memory.
+func (s *session) publish(ctx context.Context) error {
+	defer close(s.pending)
+	batch := make([]*item, 0, s.r.cfg.MarkBatchSize)
+	for {
+		it, ok, err := recv(ctx, s.items)
+		if err != nil || !ok {
+			return err
+		}
+		batch = append(batch[:0], it)
+		if s.filtering && !it.sweep {
+			batch = s.gatherReplay(batch)
+			if err := s.filterPublished(ctx, batch); err != nil {
+				return err
+			}
+		}
+		for _, it := range batch {
+			if err := s.publishOne(ctx, it); err != nil {
+				return err
+			}
+			if err := forward(ctx, s.pending, it); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// gatherReplay adds the stream items already waiting, so that one query
+// checks many rows.
+func (s *session) gatherReplay(batch []*item) []*item {
+	for len(batch) < cap(batch) {
+		select {
+		case it, ok := <-s.items:
+			if !ok {
+				return batch
+			}
+			batch = append(batch, it)
+			if it.sweep {
+				return batch
+			}
+		default:
+			return batch
+		}
+	}
+	return batch
+}
+
+func (s *session) publishOne(ctx context.Context, it *item) error {
+	ev := &it.ev
+	switch {
+	case it.skip:
+		return nil
+	case ev.Published:
+		it.skip = true // inserted already published: nothing to do
+		return nil
+	}
+	it.msg = sink.Message{
+		ID:            ev.ID,
+		Type:          ev.EventType,
+		AggregateType: ev.AggregateType,
+		AggregateID:   ev.AggregateID,
+		OccurredAt:    ev.OccurredAt,
+		Body:          ev.Payload,
+	}
+	if ev.Invalid != "" {
+		it.dead = "invalid row: " + ev.Invalid
+		return nil
+	}
+	it.msg.Key = s.r.key.Render(ev.AggregateType, ev.EventType, ev.AggregateID)
+	if reason := s.pub.Reject(&it.msg); reason != "" {
+		it.dead = "rejected: " + reason
+		return nil
+	}
+	it.sentAt = time.Now()
+	p, err := s.pub.Publish(ctx, &it.msg)
+	if err != nil {
+		return fmt.Errorf("%w: %w", errBroker, err)
+	}
+	it.pending = p
+	return nil
+}
+
+// maxNacks is how often a nacked event is republished before it is
+// dead-lettered.
+const maxNacks = 5
+
+// confirm waits for each message's verdict in publish order and applies
+// the policies for returned, nacked and poison events.
+func (s *session) confirm(ctx context.Context) error {
+	defer close(s.confirmed)
+	m := s.r.m
+	for {
+		it, ok, err := recv(ctx, s.pending)
+		if err != nil || !ok {
+			return err
+		}
+		switch {
+		case it.skip:
+		case it.dead != "":
+			if err := s.deadLetter(ctx, it, it.dead); err != nil {
+				return err
+			}
+		default:
+			if err := s.await(ctx, it); err != nil {
+				return err
+			}
+			m.ConfirmSeconds.Observe(time.Since(it.sentAt).Seconds())
+		}
+		if err := forward(ctx, s.confirmed, it); err != nil {
+			return err
+		}
+	}
+}
+
+// await resolves one published item: acked, or handled by policy.
+func (s *session) await(ctx context.Context, it *item) error {
+	nacks := 0
+	bo := newBackoff(s.r.cfg.BackoffMin, s.r.cfg.BackoffMax)
+	for {
+		res, err := it.pending.Wait(ctx)
+		if err != nil {
+			return fmt.Errorf("%w: %w", errBroker, err)
+		}
+		switch res.Outcome {
+		case sink.Acked:
+			return nil
+		case sink.Returned:
+			switch s.r.cfg.Unroutable {
+			case "dead-letter":
+				return s.deadLetter(ctx, it, "unroutable: "+res.Reason)
+			case "drop":
+				s.log.Warn().Str("id", it.msg.ID).Str("routing_key", it.msg.Key).
+					Msg("no queue is bound for this event; dropped (RELAY_UNROUTABLE=drop)")
+				s.r.m.Retries.WithLabelValues("rabbitmq", "unroutable_dropped").Inc()
+				it.dead = "dropped: unroutable"
+				return nil
+			}
+			// retry: wait for a binding, republish.
+			s.log.Warn().Str("id", it.msg.ID).Str("routing_key", it.msg.Key).
+				Msg("no queue is bound for this event; retrying (RELAY_UNROUTABLE=retry)")
+			s.r.m.Retries.WithLabelValues("rabbitmq", "unroutable").Inc()
+		case sink.Nacked:
+			nacks++
+			s.r.m.Retries.WithLabelValues("rabbitmq", "nack").Inc()
+			if nacks >= maxNacks {
+				return s.deadLetter(ctx, it, fmt.Sprintf("nacked %d times: %s", nacks, res.Reason))
+			}
+			s.log.Warn().Str("id", it.msg.ID).Int("nacks", nacks).Msg("broker nacked the event; republishing")
+		}
+		if !sleep(ctx, bo.next()) {
+			return ctx.Err()
+		}
+		it.sentAt = time.Now()
+		p, err := s.pub.Publish(ctx, &it.msg)
+		if err != nil {
+			return fmt.Errorf("%w: %w", errBroker, err)
+		}
+		it.pending = p
+	}
+}
+
+func (s *session) deadLetter(ctx context.Context, it *item, reason string) error {
+	if err := s.pub.DeadLetter(ctx, &it.msg, reason); err != nil {
+		return fmt.Errorf("%w: %w", errBroker, err)
+	}
+	it.dead = reason
+	class := reason
+	if i := strings.IndexByte(reason, ':'); i > 0 {
+		class = reason[:i]
+	}
+	s.r.m.DeadLettered.WithLabelValues(class).Inc()
+	s.log.Error().Str("id", it.msg.ID).Str("reason", reason).Str("exchange", s.r.cfg.DeadLetterExchange).
+		Msg("event dead-lettered; its row is marked and the stream moves on")
+	return nil
+}

@@ -1,0 +1,179 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+	amqp "github.com/rabbitmq/amqp091-go"
+	"github.com/rs/zerolog"
+
+	"github.com/outbox-relay/outbox-relay/config"
+	"github.com/outbox-relay/outbox-relay/metrics"
+	"github.com/outbox-relay/outbox-relay/sink"
+)
+
+// Options wires a Relay. Every dependency is injected by main.
+type Options struct {
+	Config  *config.Config
+	Pool    *pgxpool.Pool
+	Log     zerolog.Logger
+	Metrics *metrics.Metrics
+	// Replication is the replication connection's configuration.
+	Replication *pgconn.Config
+	// NewPublisher connects to the broker; it is called once per session.
+	NewPublisher func(ctx context.Context) (sink.Publisher, error)
+	// StandbyRetry is how often a standby relay tries to take the slot.
+	StandbyRetry time.Duration
+}
+
+// Relay streams the outbox until its context ends.
+type Relay struct {
+	opt        Options
+	cfg        *config.Config
+	log        zerolog.Logger
+	m          *metrics.Metrics
+	key        config.RoutingKey
+	schema     string
+	table      string
+	tableIdent string
+	streamed   bool // a session has reached streaming at least once
+}
+
+// New validates the wiring and returns a Relay.
+func New(opt Options) (*Relay, error) {
+	if opt.Config == nil || opt.Pool == nil || opt.Replication == nil || opt.NewPublisher == nil {
+		return nil, errors.New("relay: Config, Pool, Replication and NewPublisher are required")
+	}
+	if opt.Metrics == nil {
+		opt.Metrics = metrics.New()
+	}
+	if opt.StandbyRetry == 0 {
+		opt.StandbyRetry = 2 * time.Second
+	}
+	key, err := config.ParseRoutingKey(opt.Config.RoutingKey)
+	if err != nil {
+		return nil, fmt.Errorf("RELAY_ROUTING_KEY: %w", err)
+	}
+	schema, table, err := config.SplitTable(opt.Config.Table)
+	if err != nil {
+		return nil, fmt.Errorf("RELAY_TABLE: %w", err)
+	}
+	return &Relay{
+		opt: opt, cfg: opt.Config, log: opt.Log, m: opt.Metrics, key: key,
+		schema: schema, table: table, tableIdent: pgx.Identifier{schema, table}.Sanitize(),
+	}, nil
+}
+
+// ErrMisconfigured marks failures that retrying cannot fix: the relay exits
+// on them before it has ever streamed, and keeps retrying (with the error
+// logged) once it has, since an operator may be mid-change.
+var ErrMisconfigured = errors.New("misconfigured")
+
+// errStandby means another relay streams from the slot.
+var errStandby = errors.New("replication slot is in use by another process")
+
+// Run streams until ctx ends, then drains what is in flight, sends the final
+// acknowledgement and returns nil. It returns an error only for a
+// misconfiguration found before the first session streamed.
+func (r *Relay) Run(ctx context.Context) error {
+	bo := newBackoff(r.cfg.BackoffMin, r.cfg.BackoffMax)
+	standby := false
+	for {
+		err := r.session(ctx)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if err == nil {
+			continue
+		}
+		if errors.Is(err, errStandby) {
+			if !standby {
+				r.log.Info().Str("slot", r.cfg.Slot).Msg("another relay holds the slot; standing by")
+			}
+			standby = true
+			r.m.Standby.Set(1)
+			r.m.SetReady(false, "standby: another relay holds slot "+r.cfg.Slot)
+			if !sleep(ctx, r.opt.StandbyRetry) {
+				return nil
+			}
+			continue
+		}
+		if standby {
+			standby = false
+			r.m.Standby.Set(0)
+		}
+		if errors.Is(err, ErrMisconfigured) && !r.streamed {
+			return err
+		}
+		dep := dependency(err)
+		r.m.Reconnects.WithLabelValues(dep).Inc()
+		wait := bo.next()
+		r.m.SetReady(false, "reconnecting: "+dep+": "+err.Error())
+		r.log.Error().Err(err).Str("dependency", dep).Dur("retry_in", wait).Msg("session failed; reconnecting")
+		if !sleep(ctx, wait) {
+			return nil
+		}
+		if r.streamed {
+			bo.reset()
+		}
+	}
+}
+
+// dependency names which side failed, for logs and metrics.
+func dependency(err error) string {
+	var amqpErr *amqp.Error
+	var pgErr *pgconn.PgError
+	switch {
+	case errors.As(err, &amqpErr), errors.Is(err, sink.ErrClosed), errors.Is(err, errBroker):
+		return "rabbitmq"
+	case errors.As(err, &pgErr), errors.Is(err, errDatabase):
+		return "postgres"
+	}
+	return "relay"
+}
+
+var (
+	errBroker   = errors.New("broker")
+	errDatabase = errors.New("database")
+)
+
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
+}
+
+// backoff is capped exponential backoff with full jitter.
+type backoff struct {
+	min, max, cur time.Duration
+}
+
+func newBackoff(min, max time.Duration) *backoff { return &backoff{min: min, max: max} }
+
+func (b *backoff) next() time.Duration {
+	if b.cur == 0 {
+		b.cur = b.min
+	} else {
+		b.cur *= 2
+		if b.cur > b.max {
+			b.cur = b.max
+		}
+	}
+	// Jitter between half and all of the step, so relays restarted together
+	// do not reconnect in lockstep.
+	half := b.cur / 2
+	return half + time.Duration(rand.Int64N(int64(half)+1))
+}
+
+func (b *backoff) reset() { b.cur = 0 }

@@ -1,0 +1,343 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/rs/zerolog"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/outbox-relay/outbox-relay/checkpoint"
+	"github.com/outbox-relay/outbox-relay/decoder"
+	"github.com/outbox-relay/outbox-relay/replication"
+	"github.com/outbox-relay/outbox-relay/sink"
+)
+
+// item is one event on its way through the pipeline.
+type item struct {
+	tx        *checkpoint.Tx
+	xid       uint32        // 0 for swept rows
+	commitLSN pglogrepl.LSN // 0 for swept rows
+	sweep     bool
+	ev        decoder.Event
+	msg       sink.Message
+	pending   sink.Pending
+	sentAt    time.Time
+	dead      string // dead-letter with this reason instead of publishing
+	skip      bool   // already published: neither publish nor mark
+	noMark    bool   // handled without a row to mark (dropped by policy)
+}
+
+// session is one connected run of the pipeline.
+type session struct {
+	r       *Relay
+	log     zerolog.Logger
+	conn    *replication.Conn
+	pub     sink.Publisher
+	tracker *checkpoint.Tracker
+
+	items     chan *item
+	pending   chan *item
+	confirmed chan *item
+	drained   chan struct{}
+
+	filtering  bool // replayed rows may already be marked; see filterPublished
+	serverEnd  pglogrepl.LSN
+	lastStatus time.Time
+}
+
+func (r *Relay) session(ctx context.Context) error {
+	si, err := r.preflight(ctx)
+	if err != nil {
+		return err
+	}
+	if si.exists && si.active {
+		return errStandby
+	}
+	if si.exists && si.walStatus == "lost" {
+		r.log.Error().Str("slot", r.cfg.Slot).
+			Msg("replication slot is LOST (its WAL was removed, e.g. by max_slot_wal_keep_size): " +
+				"dropping and recreating it; unpublished rows will be recovered from the table")
+		if err := r.dropSlot(ctx); err != nil {
+			return err
+		}
+		si = slotInfo{}
+	}
+	if si.exists {
+		pending, err := r.sweepPending(ctx)
+		if err != nil {
+			return err
+		}
+		if pending {
+			r.log.Warn().Str("slot", r.cfg.Slot).
+				Msg("the table sweep after this slot's creation never finished: recreating the slot to sweep again")
+			if err := r.dropSlot(ctx); err != nil {
+				return err
+			}
+			si = slotInfo{}
+		}
+	}
+
+	pub, err := r.opt.NewPublisher(ctx)
+	if err != nil {
+		return fmt.Errorf("%w: %w", errBroker, err)
+	}
+	defer pub.Close()
+
+	conn, err := replication.Connect(ctx, r.opt.Replication)
+	if err != nil {
+		return classifyPg(err)
+	}
+	defer func() {
+		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = conn.Close(cctx)
+	}()
+	if _, err := conn.IdentifySystem(ctx); err != nil {
+		return classifyPg(err)
+	}
+
+	start := si.confirmed
+	var sweep pgx.Tx
+	if !si.exists {
+		if err := r.setSweepPending(ctx, true); err != nil {
+			return err
+		}
+		created, err := conn.CreateSlot(ctx, r.cfg.Slot)
+		switch {
+		case replication.HasCode(err, replication.CodeDuplicateObject):
+			return errStandby // another relay created it just now
+		case err != nil:
+			return classifyPg(err)
+		}
+		r.log.Warn().Str("slot", r.cfg.Slot).Str("consistent_point", created.ConsistentPoint.String()).
+			Msg("created replication slot; publishing unpublished rows already in the table before streaming")
+		start = created.ConsistentPoint
+		// Import the slot's snapshot before the replication connection
+		// runs its next command, which would invalidate it.
+		if sweep, err = r.beginSweep(ctx, created.Snapshot); err != nil {
+			return err
+		}
+		defer sweep.Rollback(context.Background()) //nolint:errcheck // read-only; ended after the sweep
+	}
+
+	s := &session{
+		r: r, log: r.log, conn: conn, pub: pub,
+		tracker:   checkpoint.New(start),
+		items:     make(chan *item, r.cfg.PublishWindow),
+		pending:   make(chan *item, r.cfg.PublishWindow),
+		confirmed: make(chan *item, r.cfg.MarkBatchSize*2),
+		drained:   make(chan struct{}),
+		filtering: true,
+	}
+	r.m.AckedLSN.Set(float64(start))
+
+	// The pipeline runs on its own context: SIGTERM (ctx) only stops the
+	// reader, the rest drains, unless the drain outlasts ShutdownTimeout.
+	pctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	stop := context.AfterFunc(ctx, func() {
+		t := time.AfterFunc(r.cfg.ShutdownTimeout, func() {
+			r.log.Error().Dur("timeout", r.cfg.ShutdownTimeout).Msg("drain took too long; abandoning in-flight events (they will be replayed)")
+			cancel()
+		})
+		context.AfterFunc(pctx, func() { t.Stop() })
+	})
+	defer stop()
+
+	g, gctx := errgroup.WithContext(pctx)
+	g.Go(func() error { return s.publish(gctx) })
+	g.Go(func() error { return s.confirm(gctx) })
+	g.Go(func() error { return s.mark(gctx) })
+	g.Go(func() error { return s.read(ctx, gctx, sweep) })
+	return g.Wait()
+}
+
+// read owns the replication connection for the whole session.
+func (s *session) read(soft, ctx context.Context, sweep pgx.Tx) (err error) {
+	defer func() {
+		// Whatever happened, tell the server what is done: it shortens the
+		// replay after a restart and never claims more than is done.
+		if serr := s.sendStatus(false); serr != nil && err == nil && soft.Err() == nil {
+			err = serr
+		}
+	}()
+	if sweep != nil {
+		if err := s.sweep(soft, ctx, sweep); err != nil {
+			close(s.items)
+			return err
+		}
+	}
+	if soft.Err() != nil {
+		close(s.items)
+		return s.awaitDrain(ctx)
+	}
+	if err := s.conn.Start(ctx, s.r.cfg.Slot, s.r.cfg.Publication, 0); err != nil {
+		close(s.items)
+		if replicationInUse(err) {
+			return errStandby
+		}
+		return classifyPg(err)
+	}
+	s.r.streamed = true
+	s.r.m.Standby.Set(0)
+	s.r.m.SetReady(true, "")
+	s.log.Info().Str("slot", s.r.cfg.Slot).Str("from", s.tracker.Done().String()).Msg("streaming")
+
+	dec := decoder.New(s.r.schema, s.r.table)
+	interval := s.r.cfg.StatusInterval
+	var tx *checkpoint.Tx
+	var xid uint32
+	var commitLSN pglogrepl.LSN
+	nextStatus := time.Now().Add(interval)
+	for {
+		if soft.Err() != nil {
+			close(s.items)
+			s.r.m.SetReady(false, "shutting down")
+			return s.awaitDrain(ctx)
+		}
+		if ctx.Err() != nil {
+			close(s.items)
+			return ctx.Err()
+		}
+		msg, err := s.conn.Receive(nextStatus)
+		now := time.Now()
+		if errors.Is(err, replication.ErrTimeout) {
+			if err := s.sendStatus(false); err != nil {
+				close(s.items)
+				return err
+			}
+			nextStatus = now.Add(interval)
+			continue
+		}
+		if err != nil {
+			close(s.items)
+			if replicationInUse(err) {
+				return errStandby
+			}
+			return classifyPg(err)
+		}
+		if msg.ServerWALEnd > s.serverEnd {
+			s.serverEnd = msg.ServerWALEnd
+		}
+		if msg.Keepalive {
+			s.tracker.Received(msg.ServerWALEnd)
+			s.tracker.AdvanceIdle(msg.ServerWALEnd)
+			if msg.ReplyRequested || !now.Before(nextStatus) {
+				if err := s.sendStatus(false); err != nil {
+					close(s.items)
+					return err
+				}
+				nextStatus = now.Add(interval)
+			}
+			continue
+		}
+		s.tracker.Received(msg.WALStart)
+		m, err := dec.Decode(msg.Data)
+		if err != nil {
+			close(s.items)
+			return fmt.Errorf("decode pgoutput message at %s: %w", msg.WALStart, err)
+		}
+		switch m.Kind {
+		case decoder.KindBegin:
+			tx, xid, commitLSN = s.tracker.Begin(), m.Begin.Xid, m.Begin.FinalLSN
+		case decoder.KindEvent:
+			if tx == nil {
+				close(s.items)
+				return fmt.Errorf("decode pgoutput message at %s: insert outside a transaction", msg.WALStart)
+			}
+			s.tracker.Add(tx)
+			it := &item{tx: tx, xid: xid, commitLSN: commitLSN, ev: m.Event}
+			if err := s.send(ctx, it, &nextStatus); err != nil {
+				close(s.items)
+				return err
+			}
+		case decoder.KindCommit:
+			if tx != nil {
+				s.tracker.Close(tx, m.Commit.EndLSN)
+			}
+			tx = nil
+		}
+		if !now.Before(nextStatus) {
+			if err := s.sendStatus(false); err != nil {
+				close(s.items)
+				return err
+			}
+			nextStatus = now.Add(interval)
+		}
+	}
+}
+
+// send hands an item to the publisher. While the pipeline is full it keeps
+// the server informed, so a slow broker never trips wal_sender_timeout.
+func (s *session) send(ctx context.Context, it *item, nextStatus *time.Time) error {
+	select {
+	case s.items <- it:
+		return nil
+	default:
+	}
+	for {
+		wait := time.Until(*nextStatus)
+		if wait <= 0 {
+			if err := s.sendStatus(false); err != nil {
+				return err
+			}
+			*nextStatus = time.Now().Add(s.r.cfg.StatusInterval)
+			continue
+		}
+		t := time.NewTimer(wait)
+		select {
+		case s.items <- it:
+			t.Stop()
+			return nil
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		}
+	}
+}
+
+// awaitDrain waits until everything read has been published and marked.
+func (s *session) awaitDrain(ctx context.Context) error {
+	select {
+	case <-s.drained:
+		s.log.Info().Str("acknowledged", s.tracker.Done().String()).Msg("drained in-flight events")
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// sendStatus acknowledges the done position.
+func (s *session) sendStatus(reply bool) error {
+	pos := s.tracker.Done()
+	if err := s.conn.SendStatus(pos, reply); err != nil {
+		return classifyPg(err)
+	}
+	acked := s.tracker.Acknowledge(pos)
+	m := s.r.m
+	m.AckedLSN.Set(float64(acked))
+	received, _, _ := s.tracker.Positions()
+	m.ReceivedLSN.Set(float64(received))
+	end := s.serverEnd
+	if end < received {
+		end = received
+	}
+	m.ServerWALEnd.Set(float64(end))
+	if end > acked {
+		m.ReplicationLag.Set(float64(end - acked))
+	} else {
+		m.ReplicationLag.Set(0)
+	}
+	s.lastStatus = time.Now()
+	return nil
+}
+
+func replicationInUse(err error) bool {
+	return replication.SlotInUse(err)
+}

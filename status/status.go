@@ -1,0 +1,144 @@
+// Package status gathers what an operator asks first: is the slot healthy,
+// how much WAL does it hold, how many rows wait, and how old is the oldest.
+package status
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"text/tabwriter"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Slot is the relay's replication slot.
+type Slot struct {
+	Name              string  `json:"name"`
+	Exists            bool    `json:"exists"`
+	Active            bool    `json:"active"`
+	ActivePID         *int32  `json:"active_pid"`
+	ConfirmedFlushLSN *string `json:"confirmed_flush_lsn"`
+	RestartLSN        *string `json:"restart_lsn"`
+	WALRetainedBytes  *int64  `json:"wal_retained_bytes"`
+	WALStatus         *string `json:"wal_status"`
+}
+
+// Report is the status of one relay's slot, publication and table.
+type Report struct {
+	Slot               Slot     `json:"slot"`
+	Publication        string   `json:"publication"`
+	PublicationExists  bool     `json:"publication_exists"`
+	Table              string   `json:"table"`
+	Unpublished        int64    `json:"unpublished_rows"`
+	OldestUnpublishedS *float64 `json:"oldest_unpublished_age_seconds"`
+	CurrentWALLSN      string   `json:"current_wal_lsn"`
+	Problems           []string `json:"problems"`
+}
+
+// Gather reads the report. stuckAfter > 0 flags an oldest unpublished row
+// older than that as a problem.
+func Gather(ctx context.Context, pool *pgxpool.Pool, slot, publication, schema, table string, stuckAfter time.Duration) (*Report, error) {
+	rep := &Report{Slot: Slot{Name: slot}, Publication: publication, Table: schema + "." + table, Problems: []string{}}
+	err := pool.QueryRow(ctx, `SELECT active, active_pid, confirmed_flush_lsn::text, restart_lsn::text,
+			pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, wal_status
+		FROM pg_replication_slots WHERE slot_name = $1`, slot).
+		Scan(&rep.Slot.Active, &rep.Slot.ActivePID, &rep.Slot.ConfirmedFlushLSN, &rep.Slot.RestartLSN,
+			&rep.Slot.WALRetainedBytes, &rep.Slot.WALStatus)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		rep.Problems = append(rep.Problems, fmt.Sprintf("slot %q does not exist (the relay creates it on start)", slot))
+	case err != nil:
+		return nil, fmt.Errorf("read pg_replication_slots: %w", err)
+	default:
+		rep.Slot.Exists = true
+		if rep.Slot.WALStatus != nil && *rep.Slot.WALStatus == "lost" {
+			rep.Problems = append(rep.Problems, fmt.Sprintf("slot %q is lost: its WAL was removed; the relay will recreate it and sweep the table", slot))
+		}
+	}
+	if err := pool.QueryRow(ctx, `SELECT pg_current_wal_lsn()::text, EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)`,
+		publication).Scan(&rep.CurrentWALLSN, &rep.PublicationExists); err != nil {
+		return nil, fmt.Errorf("read publication: %w", err)
+	}
+	if !rep.PublicationExists {
+		rep.Problems = append(rep.Problems, fmt.Sprintf("publication %q does not exist (run `outbox-relay migrate`)", publication))
+	}
+	q := `SELECT count(*), extract(epoch FROM now() - min(occurred_at))::float8 FROM ` +
+		pgx.Identifier{schema, table}.Sanitize() + ` WHERE published_at IS NULL`
+	if err := pool.QueryRow(ctx, q).Scan(&rep.Unpublished, &rep.OldestUnpublishedS); err != nil {
+		return nil, fmt.Errorf("count unpublished rows in %s: %w", rep.Table, err)
+	}
+	if stuckAfter > 0 && rep.OldestUnpublishedS != nil && *rep.OldestUnpublishedS > stuckAfter.Seconds() {
+		rep.Problems = append(rep.Problems, fmt.Sprintf("the oldest unpublished row is %.0fs old (threshold %s)",
+			*rep.OldestUnpublishedS, stuckAfter))
+	}
+	return rep, nil
+}
+
+// WriteJSON writes the report for machines.
+func (r *Report) WriteJSON(w io.Writer) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(r)
+}
+
+// WriteText writes the report for people.
+func (r *Report) WriteText(w io.Writer) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	str := func(p *string) string {
+		if p == nil {
+			return "-"
+		}
+		return *p
+	}
+	fmt.Fprintf(tw, "slot\t%s\n", r.Slot.Name)
+	if r.Slot.Exists {
+		active := "no"
+		if r.Slot.Active && r.Slot.ActivePID != nil {
+			active = fmt.Sprintf("yes (pid %d)", *r.Slot.ActivePID)
+		}
+		fmt.Fprintf(tw, "  active\t%s\n", active)
+		fmt.Fprintf(tw, "  confirmed_flush_lsn\t%s\n", str(r.Slot.ConfirmedFlushLSN))
+		retained := "-"
+		if r.Slot.WALRetainedBytes != nil {
+			retained = humanBytes(*r.Slot.WALRetainedBytes)
+		}
+		fmt.Fprintf(tw, "  wal retained\t%s\n", retained)
+		fmt.Fprintf(tw, "  wal_status\t%s\n", str(r.Slot.WALStatus))
+	} else {
+		fmt.Fprintf(tw, "  exists\tno\n")
+	}
+	pub := "missing"
+	if r.PublicationExists {
+		pub = "ok"
+	}
+	fmt.Fprintf(tw, "publication\t%s (%s)\n", r.Publication, pub)
+	fmt.Fprintf(tw, "table\t%s\n", r.Table)
+	fmt.Fprintf(tw, "  unpublished rows\t%d\n", r.Unpublished)
+	oldest := "-"
+	if r.OldestUnpublishedS != nil {
+		oldest = (time.Duration(*r.OldestUnpublishedS * float64(time.Second))).Round(time.Millisecond).String()
+	}
+	fmt.Fprintf(tw, "  oldest unpublished\t%s\n", oldest)
+	fmt.Fprintf(tw, "current wal lsn\t%s\n", r.CurrentWALLSN)
+	for _, p := range r.Problems {
+		fmt.Fprintf(tw, "PROBLEM\t%s\n", p)
+	}
+	return tw.Flush()
+}
+
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
