@@ -1,0 +1,50 @@
+# outbox-relay. `make test` is the full check (CI runs it via .ci/run); it
+# brings up PostgreSQL and RabbitMQ first and never passes -short, so every
+# integration test runs.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+
+GO         ?= go
+BIN        ?= bin/outbox-relay
+IMAGE      ?= outbox-relay:local
+BENCH_ARGS ?=
+
+.PHONY: test unit build demo bench fuzz lint docker
+
+## test: services (scripts/test-env.sh), go vet, all tests with -race
+test:
+	. scripts/test-env.sh && \
+	$(GO) vet ./... && \
+	$(GO) test -race -count=1 -timeout 12m ./...
+
+## unit: tests that need no services (integration tests skip under -short)
+unit:
+	$(GO) test -short ./...
+
+## build: the binary in bin/
+build:
+	$(GO) build -o $(BIN) ./cmd/outbox-relay
+
+## demo: end-to-end demo (scripts/demo.sh)
+demo:
+	bash scripts/demo.sh
+
+## bench: throughput benchmark against the test services; BENCH_ARGS="..." passes flags
+bench:
+	. scripts/test-env.sh && \
+	$(GO) run ./cmd/outbox-relay-bench $(BENCH_ARGS)
+
+## fuzz: fuzz the pgoutput decoder for 30s
+fuzz:
+	$(GO) test -run=x -fuzz=FuzzDecode -fuzztime=30s ./decoder/
+
+## lint: gofmt and go vet
+lint:
+	@unformatted="$$(gofmt -l .)"; \
+	if [ -n "$$unformatted" ]; then echo "gofmt needed:"; echo "$$unformatted"; exit 1; fi
+	$(GO) vet ./...
+
+## docker: the container image
+docker:
+	docker build -t $(IMAGE) .
