@@ -1,0 +1,397 @@
+package relay
+
+import (
+	"context"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/rs/zerolog"
+
+	"github.com/outbox-relay/outbox-relay/checkpoint"
+	"github.com/outbox-relay/outbox-relay/config"
+	"github.com/outbox-relay/outbox-relay/decoder"
+	"github.com/outbox-relay/outbox-relay/metrics"
+	"github.com/outbox-relay/outbox-relay/sink"
+)
+
+// gated holds every confirmation until the gate opens.
+type gated struct {
+	sink.Publisher
+	mu   sync.Mutex
+	open chan struct{}
+}
+
+func newGated(p sink.Publisher) *gated { return &gated{Publisher: p, open: make(chan struct{})} }
+
+func (g *gated) Publish(ctx context.Context, m *sink.Message) (sink.Pending, error) {
+	p, err := g.Publisher.Publish(ctx, m)
+	if err != nil {
+		return nil, err
+	}
+	return gatedPending{p, g.open}, nil
+}
+
+type gatedPending struct {
+	sink.Pending
+	open chan struct{}
+}
+
+func (p gatedPending) Wait(ctx context.Context) (sink.Result, error) {
+	select {
+	case <-p.open:
+	case <-ctx.Done():
+		return sink.Result{}, ctx.Err()
+	}
+	return p.Pending.Wait(ctx)
+}
+
+// TestAckAfterDone (invariant 1): while the broker's confirms are held back,
+// the slot is not acknowledged past the transaction, even though the events
+// reached the broker; once confirmed and marked, it is.
+func TestAckAfterDone(t *testing.T) {
+	e := newEnv(t)
+	var g *gated
+	r := e.start(func(p sink.Publisher) sink.Publisher { g = newGated(p); return g })
+	r.waitStreaming(t)
+	before := e.currentLSN()
+	e.insertTx([]event{newEvent("order", "created", `{}`), newEvent("order", "paid", `{}`)}, true, nil)
+	after := e.currentLSN()
+
+	e.waitReceived(2, 10*time.Second) // published, not yet confirmed to the relay
+	// Keepalives and status updates run every 100 ms; give them time to
+	// (wrongly) acknowledge.
+	time.Sleep(time.Second)
+	if e.slotPast(after) {
+		t.Fatal("slot acknowledged past a transaction whose events were not confirmed")
+	}
+	if e.unpublished() != 2 {
+		t.Fatal("rows marked before the broker confirmed them")
+	}
+	if !e.slotPast(before) {
+		t.Fatal("slot not even at the position before the transaction")
+	}
+	close(g.open)
+	waitFor(t, 10*time.Second, "rows marked", func() bool { return e.unpublished() == 0 })
+	waitFor(t, 10*time.Second, "slot acknowledged after confirm and mark", func() bool { return e.slotPast(after) })
+	r.stop(t)
+}
+
+// testSession builds a session around the env's pool for tests of single
+// stages.
+func (e *env) testSession() *session {
+	key, err := config.ParseRoutingKey(e.cfg.RoutingKey)
+	must(e.t, err)
+	r := &Relay{opt: Options{Config: e.cfg, Pool: e.pool}, cfg: e.cfg, log: zerolog.New(zerolog.NewTestWriter(e.t)),
+		m: metrics.New(), key: key, schema: "public", table: "outbox_events", tableIdent: `"public"."outbox_events"`}
+	return &session{r: r, log: r.log, tracker: checkpoint.New(0)}
+}
+
+// TestMarkWaitsForVisibility (invariant 5): a mark that reaches fewer rows
+// than it was given retries the rest; the transaction is not done until
+// every row is marked.
+func TestMarkWaitsForVisibility(t *testing.T) {
+	e := newEnv(t)
+	s := e.testSession()
+	ctx := context.Background()
+
+	visible := newEvent("order", "created", `{}`)
+	e.insertTx([]event{visible}, true, nil)
+	// The second row's transaction is still open: its row is invisible to
+	// the mark, as when the walsender is faster than the commit's visibility.
+	late := newEvent("order", "paid", `{}`)
+	open, err := e.pool.Begin(ctx)
+	must(t, err)
+	_, err = open.Exec(ctx, `INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
+		VALUES ($1, $2, $3, $4, $5)`, late.ID, late.AggregateType, late.AggregateID, late.EventType, late.Payload)
+	must(t, err)
+	var xid int64
+	must(t, open.QueryRow(ctx, `SELECT pg_current_xact_id()::text::bigint`).Scan(&xid))
+
+	tx := s.tracker.Begin()
+	items := []*item{
+		{tx: tx, xid: 1, ev: decoder.Event{ID: visible.ID}},
+		{tx: tx, xid: uint32(xid), ev: decoder.Event{ID: late.ID}},
+	}
+	s.tracker.Add(tx)
+	s.tracker.Add(tx)
+	s.tracker.Close(tx, pglogrepl.LSN(1000))
+
+	done := make(chan error, 1)
+	go func() { done <- s.markBatch(ctx, items) }()
+	time.Sleep(500 * time.Millisecond)
+	select {
+	case err := <-done:
+		t.Fatalf("markBatch returned (%v) while a row was not yet visible", err)
+	default:
+	}
+	if s.tracker.Done() != 0 {
+		t.Fatal("the transaction is done before its invisible row was marked")
+	}
+	must(t, open.Commit(ctx))
+	select {
+	case err := <-done:
+		must(t, err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("markBatch did not finish after the row became visible")
+	}
+	if e.unpublished() != 0 {
+		t.Fatal("rows left unmarked")
+	}
+	if s.tracker.Done() != 1000 {
+		t.Fatalf("done = %s after both rows were marked", s.tracker.Done())
+	}
+}
+
+// TestMarkDoesNotStallOnDeletedRow: a row deleted after it was published
+// (its transaction visible, the row gone) has nothing to mark; the relay
+// moves on instead of retrying forever.
+func TestMarkDoesNotStallOnDeletedRow(t *testing.T) {
+	e := newEnv(t)
+	s := e.testSession()
+	ctx := context.Background()
+	gone := newEvent("order", "created", `{}`)
+	e.insertTx([]event{gone}, true, nil)
+	var xid int64
+	must(t, e.pool.QueryRow(ctx, `SELECT xmin::text::bigint FROM outbox_events WHERE id = $1`, gone.ID).Scan(&xid))
+	_, err := e.pool.Exec(ctx, `DELETE FROM outbox_events WHERE id = $1`, gone.ID)
+	must(t, err)
+	tx := s.tracker.Begin()
+	s.tracker.Add(tx)
+	s.tracker.Close(tx, 500)
+	c, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	must(t, s.markBatch(c, []*item{{tx: tx, xid: uint32(xid), ev: decoder.Event{ID: gone.ID}}}))
+	if s.tracker.Done() != 500 {
+		t.Fatal("transaction not done after its deleted row was skipped")
+	}
+}
+
+// TestReplaySkipsMarkedRows (invariant 4): rows already marked published
+// when the stream replays them (a previous relay marked them but died
+// before acknowledging) are not published again.
+func TestReplaySkipsMarkedRows(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	// The slot exists, as a previous relay left it.
+	_, err := e.pool.Exec(ctx, `SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, e.cfg.Slot)
+	must(t, err)
+	var marked, fresh []event
+	for i := 0; i < 30; i++ {
+		marked = append(marked, newEvent("order", "created", `{}`))
+	}
+	for i := 0; i < 10; i++ {
+		fresh = append(fresh, newEvent("order", "paid", `{}`))
+	}
+	e.insertTx(marked[:15], true, nil)
+	e.insertTx(marked[15:], true, nil)
+	e.insertTx(fresh, true, nil)
+	// The previous relay published and marked the first 30.
+	_, err = e.pool.Exec(ctx, `UPDATE outbox_events SET published_at = now() WHERE event_type = 'created'`)
+	must(t, err)
+
+	r := e.start(nil)
+	e.waitReceived(10, 20*time.Second)
+	time.Sleep(500 * time.Millisecond)
+	got := e.receivedIDs()
+	if len(got) != 10 {
+		t.Fatalf("received %d messages, want the 10 unmarked ones only", len(got))
+	}
+	for i, w := range fresh {
+		if got[i] != w.ID {
+			t.Fatalf("message %d is %s, want %s", i, got[i], w.ID)
+		}
+	}
+	waitFor(t, 10*time.Second, "rows marked", func() bool { return e.unpublished() == 0 })
+	waitFor(t, 10*time.Second, "slot past the replay", func() bool { return e.slotPast(e.currentLSN()) })
+	r.stop(t)
+}
+
+// TestSweepPublishesRowsWrittenBeforeTheSlot (invariant 7): unpublished rows
+// that predate the slot are published from the table, each once, before the
+// stream's events; rows already published are left alone.
+func TestSweepPublishesRowsWrittenBeforeTheSlot(t *testing.T) {
+	e := newEnv(t)
+	var old []event
+	for i := 0; i < 2500; i++ {
+		old = append(old, newEvent("legacy", "imported", `{"old":true}`))
+	}
+	e.insertTx(old, true, nil)
+	done := newEvent("legacy", "done", `{}`)
+	e.insertTx([]event{done}, true, nil)
+	_, err := e.pool.Exec(context.Background(), `UPDATE outbox_events SET published_at = now() WHERE id = $1`, done.ID)
+	must(t, err)
+
+	r := e.start(nil)
+	r.waitStreaming(t)
+	newer := newEvent("order", "created", `{}`)
+	e.insertTx([]event{newer}, true, nil)
+	e.waitReceived(len(old)+1, 30*time.Second)
+	time.Sleep(500 * time.Millisecond)
+	got := e.receivedIDs()
+	if len(got) != len(old)+1 {
+		t.Fatalf("received %d messages, want %d (each old row once, plus the new one)", len(got), len(old)+1)
+	}
+	for i, w := range old {
+		if got[i] != w.ID {
+			t.Fatalf("message %d is %s, want %s", i, got[i], w.ID)
+		}
+	}
+	if got[len(old)] != newer.ID {
+		t.Fatal("the stream's event did not come after the swept rows")
+	}
+	var pending bool
+	must(t, e.pool.QueryRow(context.Background(), `SELECT sweep_pending FROM outbox_relay_slot_state WHERE slot_name = $1`,
+		e.cfg.Slot).Scan(&pending))
+	if pending {
+		t.Fatal("sweep still recorded as pending after it finished")
+	}
+	r.stop(t)
+}
+
+// TestInterruptedSweepIsRedone: a relay stopped during its first sweep
+// leaves the sweep pending; the next start recreates the slot and sweeps
+// again, so no pre-slot row is lost.
+func TestInterruptedSweepIsRedone(t *testing.T) {
+	e := newEnv(t)
+	e.keep = false
+	ctx := context.Background()
+	const n = 20000
+	_, err := e.pool.Exec(ctx, `INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
+		SELECT gen_random_uuid(), 'legacy', gen_random_uuid(), 'imported', '{}' FROM generate_series(1, $1)`, n)
+	must(t, err)
+	var g *gated
+	r := e.start(func(p sink.Publisher) sink.Publisher { g = newGated(p); return g })
+	waitFor(t, 10*time.Second, "the sweep to start", func() bool { return e.receivedCount() > 0 })
+	// Abandon the drain at once: nothing is confirmed.
+	e.cfg.ShutdownTimeout = time.Millisecond
+	r.cancel()
+	<-r.done
+	r.done <- nil
+	_ = g
+	e.cfg.ShutdownTimeout = 20 * time.Second
+	var pending bool
+	must(t, e.pool.QueryRow(ctx, `SELECT sweep_pending FROM outbox_relay_slot_state WHERE slot_name = $1`, e.cfg.Slot).Scan(&pending))
+	if !pending {
+		t.Fatal("interrupted sweep not recorded as pending")
+	}
+	r = e.start(nil)
+	waitFor(t, 60*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
+	r.stop(t)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if len(e.ids) != n {
+		t.Fatalf("%d distinct events received, want %d", len(e.ids), n)
+	}
+}
+
+// TestIdleOutboxDoesNotHoldWAL (invariant 6): with no outbox traffic but
+// writes elsewhere in the database, the slot's confirmed position follows
+// the server's WAL.
+func TestIdleOutboxDoesNotHoldWAL(t *testing.T) {
+	e := newEnv(t)
+	r := e.start(nil)
+	r.waitStreaming(t)
+	ctx := context.Background()
+	for i := 0; i < 20; i++ {
+		_, err := e.pool.Exec(ctx, `INSERT INTO other (v) SELECT repeat('w', 500) FROM generate_series(1, 200)`)
+		must(t, err)
+	}
+	target := e.currentLSN()
+	waitFor(t, 20*time.Second, "the slot to follow WAL written by other tables", func() bool { return e.slotPast(target) })
+	if e.receivedCount() != 0 {
+		t.Fatal("messages published for writes to another table")
+	}
+	r.stop(t)
+}
+
+// TestPoisonEventsAreDeadLettered (invariant 8): an event the broker can
+// never accept goes to the dead-letter exchange with the reason, its row is
+// marked, and the events behind it flow on.
+func TestPoisonEventsAreDeadLettered(t *testing.T) {
+	e := newEnv(t)
+	e.cfg.MaxMessageBytes = 4096
+	r := e.start(nil)
+	r.waitStreaming(t)
+	longKey := newEvent(strings.Repeat("a", 300), "created", `{}`)
+	tooBig := newEvent("order", "created", `{"pad":"`+strings.Repeat("x", 5000)+`"}`)
+	fine := newEvent("order", "created", `{"ok":true}`)
+	e.insertTx([]event{longKey, tooBig, fine}, true, nil)
+	e.waitReceived(1, 20*time.Second)
+	if got := e.receivedIDs(); got[0] != fine.ID {
+		t.Fatalf("received %v, want only the healthy event", got)
+	}
+	waitFor(t, 10*time.Second, "rows marked", func() bool { return e.unpublished() == 0 })
+	dead := e.dlq()
+	if len(dead) != 2 {
+		t.Fatalf("dead-letter queue has %d messages, want 2", len(dead))
+	}
+	reasons := map[string]string{}
+	for _, d := range dead {
+		reasons[d.MessageId], _ = d.Headers["x-outbox-reason"].(string)
+	}
+	if !strings.Contains(reasons[longKey.ID], "routing key is") {
+		t.Fatalf("reason for the long routing key: %q", reasons[longKey.ID])
+	}
+	if !strings.Contains(reasons[tooBig.ID], "RELAY_MAX_MESSAGE_BYTES") {
+		t.Fatalf("reason for the oversized payload: %q", reasons[tooBig.ID])
+	}
+	r.stop(t)
+}
+
+// TestUnroutableEventsFollowThePolicy: with no queue bound for a routing
+// key, the default policy dead-letters the event (the broker acks an
+// unroutable mandatory message; only the return tells).
+func TestUnroutableEventsFollowThePolicy(t *testing.T) {
+	e := newEnv(t)
+	e.cfg.RoutingKey = "{aggregate_type}.{event_type}"
+	ch, err := e.amqp.Channel()
+	must(t, err)
+	must(t, ch.QueueUnbind(e.queue, "#", e.cfg.Exchange, nil))
+	must(t, ch.QueueBind(e.queue, "order.*", e.cfg.Exchange, false, nil))
+	r := e.start(nil)
+	r.waitStreaming(t)
+	nobody := newEvent("invoice", "created", `{}`)
+	routed := newEvent("order", "created", `{}`)
+	e.insertTx([]event{nobody, routed}, true, nil)
+	e.waitReceived(1, 20*time.Second)
+	waitFor(t, 10*time.Second, "rows marked", func() bool { return e.unpublished() == 0 })
+	dead := e.dlq()
+	if len(dead) != 1 || dead[0].MessageId != nobody.ID {
+		t.Fatalf("dead-letter queue: %d messages, want the unroutable event", len(dead))
+	}
+	if reason, _ := dead[0].Headers["x-outbox-reason"].(string); !strings.Contains(reason, "NO_ROUTE") {
+		t.Fatalf("reason %q does not say NO_ROUTE", reason)
+	}
+	if got := e.receivedIDs(); len(got) != 1 || got[0] != routed.ID {
+		t.Fatalf("consumer received %v", got)
+	}
+	r.stop(t)
+}
+
+// TestStandbyTakesOver: a second relay on the same slot stands by (55006)
+// and takes over when the active one stops.
+func TestStandbyTakesOver(t *testing.T) {
+	e := newEnv(t)
+	active := e.start(nil)
+	active.waitStreaming(t)
+	standby := e.start(nil)
+	waitFor(t, 10*time.Second, "the second relay to stand by", func() bool {
+		return strings.HasPrefix(standby.metrics.Ready(), "standby")
+	})
+	a := newEvent("order", "created", `{}`)
+	e.insertTx([]event{a}, true, nil)
+	e.waitReceived(1, 10*time.Second)
+	active.stop(t)
+	standby.waitStreaming(t)
+	b := newEvent("order", "paid", `{}`)
+	e.insertTx([]event{b}, true, nil)
+	e.waitReceived(2, 10*time.Second)
+	time.Sleep(300 * time.Millisecond)
+	if got := e.receivedIDs(); len(got) != 2 || got[0] != a.ID || got[1] != b.ID {
+		t.Fatalf("received %v", got)
+	}
+	standby.stop(t)
+}
