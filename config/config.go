@@ -59,6 +59,17 @@ type Config struct {
 	BackoffMax time.Duration `env:"RELAY_BACKOFF_MAX" envDefault:"15s"`
 	// ShutdownTimeout bounds the drain after SIGTERM.
 	ShutdownTimeout time.Duration `env:"RELAY_SHUTDOWN_TIMEOUT" envDefault:"30s"`
+	// AMQPHeartbeat is the AMQP heartbeat: a broker that stops answering
+	// without closing the connection is detected within about twice this.
+	AMQPHeartbeat time.Duration `env:"RELAY_AMQP_HEARTBEAT" envDefault:"10s"`
+	// PostgresTimeout bounds every query and the silence tolerated on the
+	// replication stream (the relay asks for a reply when it hears nothing).
+	PostgresTimeout time.Duration `env:"RELAY_POSTGRES_TIMEOUT" envDefault:"30s"`
+	// HeartbeatInterval, when positive, writes a transactional logical
+	// message (pg_logical_emit_message) this often, so the slot advances
+	// even on a server with no other traffic. Off by default: an idle relay
+	// then sends no queries at all.
+	HeartbeatInterval time.Duration `env:"RELAY_HEARTBEAT_INTERVAL" envDefault:"0s"`
 	// MaxMessageBytes: bigger payloads are dead-lettered, never published.
 	MaxMessageBytes int `env:"RELAY_MAX_MESSAGE_BYTES" envDefault:"16777216"`
 }
@@ -183,11 +194,16 @@ func (c *Config) Validate() error {
 		{"RELAY_BACKOFF_MIN", c.BackoffMin},
 		{"RELAY_BACKOFF_MAX", c.BackoffMax},
 		{"RELAY_SHUTDOWN_TIMEOUT", c.ShutdownTimeout},
+		{"RELAY_AMQP_HEARTBEAT", c.AMQPHeartbeat},
+		{"RELAY_POSTGRES_TIMEOUT", c.PostgresTimeout},
 	}
 	for _, d := range durations {
 		if d.v <= 0 {
 			errs = append(errs, fmt.Errorf("%s must be a positive duration, got %s", d.name, d.v))
 		}
+	}
+	if c.HeartbeatInterval < 0 {
+		errs = append(errs, fmt.Errorf("RELAY_HEARTBEAT_INTERVAL must not be negative, got %s", c.HeartbeatInterval))
 	}
 	if c.BackoffMax < c.BackoffMin {
 		errs = append(errs, errors.New("RELAY_BACKOFF_MAX must not be less than RELAY_BACKOFF_MIN"))

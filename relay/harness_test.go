@@ -62,6 +62,8 @@ func newEnv(t *testing.T) *env {
 		BackoffMax:         time.Second,
 		ShutdownTimeout:    20 * time.Second,
 		MaxMessageBytes:    16 << 20,
+		AMQPHeartbeat:      10 * time.Second,
+		PostgresTimeout:    30 * time.Second,
 	}
 	if err := e.cfg.Validate(); err != nil {
 		t.Fatal(err)
@@ -148,7 +150,7 @@ func (e *env) start(wrap func(sink.Publisher) sink.Publisher) *running {
 		StandbyRetry: 200 * time.Millisecond,
 		NewPublisher: func(ctx context.Context) (sink.Publisher, error) {
 			p, err := sink.DialRabbitMQ(ctx, sink.RabbitMQConfig{URL: cfg.AMQPURL, Exchange: cfg.Exchange,
-				DeadLetterExchange: cfg.DeadLetterExchange, MaxMessageBytes: cfg.MaxMessageBytes})
+				DeadLetterExchange: cfg.DeadLetterExchange, MaxMessageBytes: cfg.MaxMessageBytes, Heartbeat: cfg.AMQPHeartbeat})
 			if err != nil || wrap == nil {
 				return p, err
 			}

@@ -144,6 +144,8 @@ func (r *Relay) publishedRows(ctx context.Context, ids []string) ([]string, erro
 }
 
 func (r *Relay) ids(ctx context.Context, what, q string, ids []string) ([]string, error) {
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
+	defer cancel()
 	rows, err := r.opt.Pool.Query(ctx, q, ids)
 	if err != nil {
 		return nil, classifyPg(fmt.Errorf("%s: %w", what, err))

@@ -48,10 +48,13 @@ type session struct {
 	filtering  bool // replayed rows may already be marked; see filterPublished
 	serverEnd  pglogrepl.LSN
 	lastStatus time.Time
+	lastHeard  time.Time // last message from the server
 }
 
 func (r *Relay) session(ctx context.Context) error {
-	si, err := r.preflight(ctx)
+	qctx, qcancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
+	si, err := r.preflight(qctx)
+	qcancel()
 	if err != nil {
 		return err
 	}
@@ -154,6 +157,9 @@ func (r *Relay) session(ctx context.Context) error {
 	g.Go(func() error { return s.confirm(gctx) })
 	g.Go(func() error { return s.mark(gctx) })
 	g.Go(func() error { return s.read(ctx, gctx, sweep) })
+	if r.cfg.HeartbeatInterval > 0 {
+		g.Go(func() error { return s.heartbeat(ctx, gctx) })
+	}
 	return g.Wait()
 }
 
@@ -194,6 +200,7 @@ func (s *session) read(soft, ctx context.Context, sweep pgx.Tx) (err error) {
 	var xid uint32
 	var commitLSN pglogrepl.LSN
 	nextStatus := time.Now().Add(interval)
+	s.lastHeard = time.Now()
 	for {
 		if soft.Err() != nil {
 			close(s.items)
@@ -207,7 +214,15 @@ func (s *session) read(soft, ctx context.Context, sweep pgx.Tx) (err error) {
 		msg, err := s.conn.Receive(nextStatus)
 		now := time.Now()
 		if errors.Is(err, replication.ErrTimeout) {
-			if err := s.sendStatus(false); err != nil {
+			// Silence: ask the server to answer, and give up on a server
+			// (or network) that stopped answering without closing.
+			silent := now.Sub(s.lastHeard)
+			if silent > s.r.cfg.PostgresTimeout {
+				close(s.items)
+				return fmt.Errorf("%w: no message on the replication stream for %s (RELAY_POSTGRES_TIMEOUT)",
+					errDatabase, silent.Round(time.Second))
+			}
+			if err := s.sendStatus(silent > interval); err != nil {
 				close(s.items)
 				return err
 			}
@@ -221,6 +236,7 @@ func (s *session) read(soft, ctx context.Context, sweep pgx.Tx) (err error) {
 			}
 			return classifyPg(err)
 		}
+		s.lastHeard = now
 		if msg.ServerWALEnd > s.serverEnd {
 			s.serverEnd = msg.ServerWALEnd
 		}
@@ -340,4 +356,27 @@ func (s *session) sendStatus(reply bool) error {
 
 func replicationInUse(err error) bool {
 	return replication.SlotInUse(err)
+}
+
+// heartbeat writes a transactional logical message now and then, so that a
+// server with no other traffic still moves the slot forward.
+func (s *session) heartbeat(soft, ctx context.Context) error {
+	t := time.NewTicker(s.r.cfg.HeartbeatInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-soft.Done():
+			return nil
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		qctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
+		_, err := s.r.opt.Pool.Exec(qctx, `SELECT pg_logical_emit_message(true, 'outbox-relay-heartbeat', '')`)
+		cancel()
+		if err != nil && ctx.Err() == nil {
+			s.r.m.Retries.WithLabelValues("postgres", "heartbeat").Inc()
+			s.log.Warn().Err(err).Msg("heartbeat (RELAY_HEARTBEAT_INTERVAL) failed")
+		}
+	}
 }

@@ -190,6 +190,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 				DeadLetterExchange: cfg.DeadLetterExchange,
 				MaxMessageBytes:    cfg.MaxMessageBytes,
 				TLS:                tlsCfg,
+				Heartbeat:          cfg.AMQPHeartbeat,
 				OnBlocked: func(blocked bool, reason string) {
 					log.Warn().Bool("blocked", blocked).Str("reason", reason).Msg("RabbitMQ flow control")
 				},
