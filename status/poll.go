@@ -1,0 +1,70 @@
+package status
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/rs/zerolog"
+
+	"github.com/outbox-relay/outbox-relay/metrics"
+)
+
+// querier is what Poll needs; *pgxpool.Pool satisfies it.
+type querier interface {
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// Poll sets the gauges only the database knows — WAL retained by the slot,
+// unpublished rows and the age of the oldest — once at start and then every
+// interval, until ctx ends. It is one short query per interval; the relay
+// starts it only when RELAY_STATUS_POLL_INTERVAL is set, because an idle
+// relay otherwise sends no queries at all. A failed poll is logged and
+// retried at the next tick; the gauges keep their last value.
+func Poll(ctx context.Context, db querier, slot, schema, table string, m *metrics.Metrics, every time.Duration, log zerolog.Logger) {
+	log = log.With().Str("component", "status-poll").Logger()
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	failing := false
+	for {
+		err := PollOnce(ctx, db, slot, schema, table, m)
+		switch {
+		case ctx.Err() != nil:
+			return
+		case err != nil && !failing:
+			log.Warn().Err(err).Msg("status poll failed; the slot and unpublished-row gauges are stale until it succeeds")
+			failing = true
+		case err != nil:
+			log.Debug().Err(err).Msg("status poll failed again")
+		case failing:
+			log.Info().Msg("status poll recovered")
+			failing = false
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// PollOnce reads the slot's retained WAL and the unpublished rows in one
+// query and sets the gauges. A slot that does not exist retains no WAL.
+func PollOnce(ctx context.Context, db querier, slot, schema, table string, m *metrics.Metrics) error {
+	q := `SELECT
+			coalesce((SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
+				FROM pg_replication_slots WHERE slot_name = $1), 0),
+			count(*),
+			coalesce(extract(epoch FROM now() - min(occurred_at)), 0)::float8
+		FROM ` + pgx.Identifier{schema, table}.Sanitize() + ` WHERE published_at IS NULL`
+	var retained, unpublished int64
+	var oldest float64
+	if err := db.QueryRow(ctx, q, slot).Scan(&retained, &unpublished, &oldest); err != nil {
+		return fmt.Errorf("poll slot %q and %s.%s: %w", slot, schema, table, err)
+	}
+	m.SlotWALRetained.Set(float64(retained))
+	m.Unpublished.Set(float64(unpublished))
+	m.OldestUnpublishd.Set(oldest)
+	return nil
+}
