@@ -72,6 +72,17 @@ type Config struct {
 	HeartbeatInterval time.Duration `env:"RELAY_HEARTBEAT_INTERVAL" envDefault:"0s"`
 	// MaxMessageBytes: bigger payloads are dead-lettered, never published.
 	MaxMessageBytes int `env:"RELAY_MAX_MESSAGE_BYTES" envDefault:"16777216"`
+
+	// Retention, when positive, deletes published rows older than this in
+	// the background (e.g. 168h), in batches; 0 keeps them forever. The
+	// role then needs DELETE on the table (deploy/least-privilege.sql).
+	Retention time.Duration `env:"RELAY_RETENTION" envDefault:"0s"`
+	// RetentionInterval is how often background retention runs.
+	RetentionInterval time.Duration `env:"RELAY_RETENTION_INTERVAL" envDefault:"1h"`
+	// StatusPollInterval, when positive, reads the slot's retained WAL and
+	// the unpublished rows this often for the metrics of the same names.
+	// Off by default: an idle relay then sends no queries at all.
+	StatusPollInterval time.Duration `env:"RELAY_STATUS_POLL_INTERVAL" envDefault:"0s"`
 }
 
 var slotPattern = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)
@@ -207,6 +218,15 @@ func (c *Config) Validate() error {
 	}
 	if c.BackoffMax < c.BackoffMin {
 		errs = append(errs, errors.New("RELAY_BACKOFF_MAX must not be less than RELAY_BACKOFF_MIN"))
+	}
+	if c.Retention < 0 {
+		errs = append(errs, fmt.Errorf("RELAY_RETENTION must not be negative (0 disables retention), got %s", c.Retention))
+	}
+	if c.Retention > 0 && c.RetentionInterval <= 0 {
+		errs = append(errs, fmt.Errorf("RELAY_RETENTION_INTERVAL must be a positive duration, got %s", c.RetentionInterval))
+	}
+	if c.StatusPollInterval < 0 {
+		errs = append(errs, fmt.Errorf("RELAY_STATUS_POLL_INTERVAL must not be negative (0 disables polling), got %s", c.StatusPollInterval))
 	}
 	return errors.Join(errs...)
 }
