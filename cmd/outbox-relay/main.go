@@ -38,6 +38,7 @@ commands:
   run       stream the outbox to RabbitMQ (the default)
   migrate   create or upgrade the outbox table, index and publication
   status    show the slot, publication and unpublished rows (--json)
+  prune     delete published rows older than --older-than, in batches
   version   print the version
 
 Configuration is read from RELAY_* environment variables; see the README.
@@ -59,6 +60,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return cmdMigrate(args, stdout, stderr)
 	case "status":
 		return cmdStatus(args, stdout, stderr)
+	case "prune":
+		return cmdPrune(args, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "outbox-relay", versionString())
 		return 0
@@ -167,6 +170,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 		return 1
 	}
 	defer pool.Close()
+	defer startBackground(ctx, cfg, pool, m, log)() // retention and status poll, when configured
 	replCfg, err := replication.Config(cfg.DatabaseURL, "outbox-relay")
 	if err != nil {
 		log.Error().Err(err).Msg("cannot start")
