@@ -1,8 +1,9 @@
 // Package sink publishes outbox events to a message broker and reports the
 // broker's verdict on each one.
 //
-// The relay depends on the small Publisher interface; RabbitMQ is the
-// implementation. Its guarantees, which the relay's acknowledgement rests on:
+// The relay depends on the small Publisher interface; RabbitMQ (the
+// default) and NATS JetStream implement it. RabbitMQ's guarantees, which the
+// relay's acknowledgement rests on:
 //
 //   - Every message is published on a channel in confirm mode, persistent and
 //     with the mandatory flag. A message counts as delivered only when the
@@ -18,4 +19,22 @@
 //     confirmed, in order.
 //   - Messages the broker can never accept (Reject) are not published; the
 //     relay sends them to the dead-letter exchange instead.
+//
+// NATS JetStream (nats.go) gives the same guarantees with its own means:
+//
+//   - The subject is Message.Key. Publish uses PublishMsgAsync with
+//     Nats-Msg-Id = the row id; Wait waits for the stream's publish ack,
+//     which JetStream sends only once the message is stored. An ack for an
+//     id the stream already holds within its duplicate window is Acked with
+//     Duplicate set and stores nothing: a replay after a crash, within that
+//     window, reaches no consumer twice.
+//   - "No responders" when no stream captures the subject is Returned,
+//     the analogue of an unroutable message. The library's retries on no
+//     responders are off, since they would republish out of order.
+//   - The connection does not reconnect by itself, and every other failure
+//     (lost connection, ack timeout, JetStream unavailable) is an error:
+//     the relay reconnects and republishes in order.
+//   - Reject refuses subjects NATS cannot take (empty tokens, white space,
+//     wildcards) and messages over the server's max_payload, which would
+//     otherwise close the connection on every retry.
 package sink

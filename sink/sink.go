@@ -44,6 +44,9 @@ func (o Outcome) String() string {
 type Result struct {
 	Outcome Outcome
 	Reason  string
+	// Duplicate: the broker acked a message id it already held and did not
+	// store it again (NATS JetStream's deduplication window).
+	Duplicate bool
 }
 
 // Pending is a published message awaiting its confirmation.

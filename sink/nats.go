@@ -1,0 +1,376 @@
+package sink
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// NATSConfig configures the NATS JetStream publisher. The subject of each
+// message is its Key, rendered by the relay from RELAY_ROUTING_KEY.
+type NATSConfig struct {
+	URL string
+	// Stream must capture every subject the relay publishes to. When it is
+	// missing it is created with StreamSubjects, file storage, limits
+	// retention and DuplicateWindow; an existing stream is used as it is,
+	// after checking that it captures StreamSubjects.
+	Stream         string
+	StreamSubjects []string
+	// DeadLetterStream captures DeadLetterSubject, created the same way.
+	DeadLetterStream  string
+	DeadLetterSubject string
+	// DuplicateWindow is how long JetStream remembers a Nats-Msg-Id, in
+	// streams the relay creates; 0 means 2 minutes.
+	DuplicateWindow time.Duration
+	// MaxMessageBytes caps header plus payload below the server's
+	// max_payload; 0 means the server's limit only.
+	MaxMessageBytes int
+	// MaxPending caps publishes awaiting their ack; a Publish beyond it
+	// waits up to AckTimeout. Set it above the relay's window; 0 means 4096.
+	MaxPending int
+	// AckTimeout bounds the wait for one ack; 0 means 30 seconds.
+	AckTimeout     time.Duration
+	ConnectionName string
+}
+
+// NATS publishes to JetStream with asynchronous publish acks.
+type NATS struct {
+	cfg        NATSConfig
+	nc         *nats.Conn
+	js         jetstream.JetStream
+	maxPayload int // header plus payload, the smaller of ours and the server's
+
+	closed    chan struct{}
+	closeOnce sync.Once
+	mu        sync.Mutex
+	closeErr  error
+}
+
+// Header names of the NATS message format (docs/sinks.md).
+const (
+	natsHeaderAggregateType = "aggregate_type"
+	natsHeaderAggregateID   = "aggregate_id"
+	natsHeaderOccurredAt    = "occurred_at"
+	natsHeaderType          = "type"
+	natsHeaderContentType   = "Content-Type"
+	natsHeaderReason        = "Outbox-Reason"
+	natsHeaderSubject       = "Outbox-Subject"
+	natsHeaderOmitted       = "Outbox-Payload-Omitted"
+)
+
+// maxSubjectBytes keeps a PUB line well inside the server's default
+// max_control_line (4 KiB): a longer one closes the connection.
+const maxSubjectBytes = 1024
+
+// ErrNATSClosed reports a NATS connection that went away.
+var ErrNATSClosed = errors.New("NATS connection closed")
+
+// DialNATS connects, makes sure both streams exist and returns a publisher.
+// The connection does not reconnect by itself: a lost connection is an
+// error from Publish or Wait, and the relay reconnects and republishes.
+func DialNATS(ctx context.Context, cfg NATSConfig) (*NATS, error) {
+	if cfg.DuplicateWindow == 0 {
+		cfg.DuplicateWindow = 2 * time.Minute
+	}
+	if cfg.MaxPending == 0 {
+		cfg.MaxPending = 4096
+	}
+	if cfg.AckTimeout == 0 {
+		cfg.AckTimeout = 30 * time.Second
+	}
+	if cfg.ConnectionName == "" {
+		cfg.ConnectionName = "outbox-relay"
+	}
+	if cfg.Stream == "" || len(cfg.StreamSubjects) == 0 || cfg.DeadLetterStream == "" || cfg.DeadLetterSubject == "" {
+		return nil, errors.New("NATS: Stream, StreamSubjects, DeadLetterStream and DeadLetterSubject are required")
+	}
+	n := &NATS{cfg: cfg, closed: make(chan struct{})}
+	nc, err := nats.Connect(cfg.URL,
+		nats.Name(cfg.ConnectionName),
+		nats.NoReconnect(),
+		nats.Timeout(15*time.Second),
+		nats.SetCustomDialer(ctxDialer{ctx}),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { n.setCloseErr(err) }),
+		nats.ClosedHandler(func(*nats.Conn) { n.closeOnce.Do(func() { close(n.closed) }) }),
+	)
+	if err != nil {
+		// nats.go's errors do not include the URL, so no password leaks.
+		return nil, fmt.Errorf("connect to NATS: %w", err)
+	}
+	n.nc = nc
+	n.js, err = jetstream.New(nc,
+		jetstream.WithPublishAsyncMaxPending(cfg.MaxPending),
+		jetstream.WithPublishAsyncTimeout(cfg.AckTimeout))
+	if err != nil {
+		nc.Close()
+		return nil, fmt.Errorf("NATS JetStream: %w", err)
+	}
+	n.maxPayload = int(nc.MaxPayload())
+	if cfg.MaxMessageBytes > 0 && cfg.MaxMessageBytes < n.maxPayload {
+		n.maxPayload = cfg.MaxMessageBytes
+	}
+	streamMax, err := n.ensureStream(ctx, cfg.Stream, cfg.StreamSubjects, "outbox-relay: outbox events")
+	if err == nil {
+		_, err = n.ensureStream(ctx, cfg.DeadLetterStream, []string{cfg.DeadLetterSubject}, "outbox-relay: events the relay could not publish")
+	}
+	if err != nil {
+		nc.Close()
+		return nil, err
+	}
+	if streamMax > 0 && streamMax < n.maxPayload {
+		n.maxPayload = streamMax
+	}
+	return n, nil
+}
+
+// ctxDialer makes the connect honour ctx.
+type ctxDialer struct{ ctx context.Context }
+
+func (d ctxDialer) Dial(network, address string) (net.Conn, error) {
+	var nd net.Dialer
+	return nd.DialContext(d.ctx, network, address)
+}
+
+// ensureStream creates the stream when it is missing and checks that an
+// existing one captures subjects. It returns the stream's max_msg_size.
+func (n *NATS) ensureStream(ctx context.Context, name string, subjects []string, desc string) (int, error) {
+	s, err := n.js.Stream(ctx, name)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		s, err = n.js.CreateStream(ctx, jetstream.StreamConfig{
+			Name:        name,
+			Description: desc,
+			Subjects:    subjects,
+			Storage:     jetstream.FileStorage,
+			Retention:   jetstream.LimitsPolicy,
+			Duplicates:  n.cfg.DuplicateWindow,
+		})
+		if errors.Is(err, jetstream.ErrStreamNameAlreadyInUse) {
+			s, err = n.js.Stream(ctx, name) // another relay created it just now
+		}
+		if err != nil {
+			return 0, fmt.Errorf("create JetStream stream %q for %v: %w", name, subjects, err)
+		}
+	} else if err != nil {
+		return 0, fmt.Errorf("look up JetStream stream %q: %w", name, err)
+	}
+	cfg := s.CachedInfo().Config
+	for _, want := range subjects {
+		if !captures(cfg.Subjects, want) {
+			return 0, fmt.Errorf("JetStream stream %q exists but does not capture %q (its subjects are %v): "+
+				"add the subject to the stream or choose another stream name", name, want, cfg.Subjects)
+		}
+	}
+	return int(cfg.MaxMsgSize), nil
+}
+
+// captures reports whether one of the filters matches every subject that
+// want matches.
+func captures(filters []string, want string) bool {
+	for _, f := range filters {
+		if covers(f, want) {
+			return true
+		}
+	}
+	return false
+}
+
+func covers(filter, want string) bool {
+	f, w := strings.Split(filter, "."), strings.Split(want, ".")
+	for i, tok := range f {
+		switch {
+		case tok == ">":
+			return i < len(w) // one or more tokens, whatever they are
+		case i >= len(w), tok == "*" && w[i] == ">", tok != "*" && tok != w[i]:
+			return false
+		}
+	}
+	return len(f) == len(w)
+}
+
+func (n *NATS) setCloseErr(err error) {
+	if err == nil {
+		return
+	}
+	n.mu.Lock()
+	if n.closeErr == nil {
+		n.closeErr = err
+	}
+	n.mu.Unlock()
+}
+
+func (n *NATS) closedErr() error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.closeErr != nil {
+		return fmt.Errorf("%w: %w", ErrNATSClosed, n.closeErr)
+	}
+	return ErrNATSClosed
+}
+
+// ValidSubject returns why s cannot be published to, or "".
+func ValidSubject(s string) string {
+	if s == "" {
+		return "subject is empty"
+	}
+	if len(s) > maxSubjectBytes {
+		return fmt.Sprintf("subject is %d bytes; the relay allows at most %d", len(s), maxSubjectBytes)
+	}
+	for _, tok := range strings.Split(s, ".") {
+		switch {
+		case tok == "":
+			return fmt.Sprintf("subject %q has an empty token", s)
+		case tok == "*" || tok == ">":
+			return fmt.Sprintf("subject %q contains the wildcard %q", s, tok)
+		case strings.ContainsAny(tok, " \t\r\n\f\v\x00"):
+			return fmt.Sprintf("subject %q contains white space", s)
+		}
+	}
+	return ""
+}
+
+func natsMessage(subject string, m *Message) *nats.Msg {
+	return &nats.Msg{
+		Subject: subject,
+		Header: nats.Header{
+			jetstream.MsgIDHeader:   {m.ID},
+			natsHeaderType:          {m.Type},
+			natsHeaderContentType:   {"application/json"},
+			natsHeaderAggregateType: {m.AggregateType},
+			natsHeaderAggregateID:   {m.AggregateID},
+			natsHeaderOccurredAt:    {m.OccurredAt.UTC().Format(time.RFC3339Nano)},
+		},
+		Data: m.Body,
+	}
+}
+
+// Reject implements Publisher: invalid subjects, and messages bigger than
+// the server's max_payload (which would close the connection), the
+// stream's max_msg_size or MaxMessageBytes.
+func (n *NATS) Reject(m *Message) string {
+	if reason := ValidSubject(m.Key); reason != "" {
+		return reason
+	}
+	msg := natsMessage(m.Key, m)
+	if size := msg.Size() - len(msg.Subject); size > n.maxPayload {
+		return fmt.Sprintf("message is %d bytes with its headers; the limit is %d (the smallest of the server's max_payload, "+
+			"the stream's max_msg_size and RELAY_MAX_MESSAGE_BYTES)", size, n.maxPayload)
+	}
+	return ""
+}
+
+type natsPending struct {
+	n   *NATS
+	paf jetstream.PubAckFuture
+	m   *Message
+}
+
+// Publish implements Publisher. It waits only when MaxPending publishes are
+// unacknowledged.
+func (n *NATS) Publish(ctx context.Context, m *Message) (Pending, error) {
+	select {
+	case <-n.closed:
+		return nil, fmt.Errorf("publish %s: %w", m.ID, n.closedErr())
+	default:
+	}
+	// No retries on "no responders": the library would republish later, out
+	// of order; Wait decides instead.
+	paf, err := n.js.PublishMsgAsync(natsMessage(m.Key, m),
+		jetstream.WithRetryAttempts(0), jetstream.WithStallWait(n.cfg.AckTimeout))
+	if err != nil {
+		if n.nc.IsClosed() {
+			return nil, fmt.Errorf("publish %s: %w", m.ID, n.closedErr())
+		}
+		return nil, fmt.Errorf("publish %s to %q: %w", m.ID, m.Key, err)
+	}
+	return &natsPending{n: n, paf: paf, m: m}, nil
+}
+
+// Wait implements Pending. An ack for a message id the stream already
+// holds (JetStream's deduplication) is Acked with Duplicate set.
+func (p *natsPending) Wait(ctx context.Context) (Result, error) {
+	select {
+	case ack := <-p.paf.Ok():
+		return Result{Outcome: Acked, Duplicate: ack.Duplicate}, nil
+	case err := <-p.paf.Err():
+		return p.n.verdict(ctx, p.m, err)
+	case <-p.n.closed:
+		// The ack may have arrived just before the close.
+		select {
+		case ack := <-p.paf.Ok():
+			return Result{Outcome: Acked, Duplicate: ack.Duplicate}, nil
+		default:
+		}
+		return Result{}, fmt.Errorf("publish ack of %s: %w", p.m.ID, p.n.closedErr())
+	case <-ctx.Done():
+		return Result{}, ctx.Err()
+	}
+}
+
+// verdict classifies a failed publish. Only two failures are the broker's
+// verdict on the message; every other one (timeouts, a lost connection,
+// JetStream unavailable or out of resources) is an error, after which the
+// relay reconnects and republishes, and deduplication absorbs the repeats.
+func (n *NATS) verdict(ctx context.Context, m *Message, err error) (Result, error) {
+	var apiErr *jetstream.APIError
+	switch {
+	case errors.Is(err, jetstream.ErrNoStreamResponse):
+		// No responders: no stream captures the subject, or JetStream is
+		// unavailable right now. Ask which.
+		name, lerr := n.js.StreamNameBySubject(ctx, m.Key)
+		if errors.Is(lerr, jetstream.ErrStreamNotFound) {
+			return Result{Outcome: Returned, Reason: fmt.Sprintf("no JetStream stream captures subject %q", m.Key)}, nil
+		}
+		if lerr != nil {
+			return Result{}, fmt.Errorf("publish %s to %q: %w (and the stream lookup failed: %w)", m.ID, m.Key, err, lerr)
+		}
+		return Result{}, fmt.Errorf("publish %s to %q: stream %q did not answer: %w", m.ID, m.Key, name, err)
+	case errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamMessageExceedsMaximum:
+		return Result{Outcome: Nacked, Reason: apiErr.Error()}, nil
+	case n.nc.IsClosed():
+		return Result{}, fmt.Errorf("publish ack of %s: %w", m.ID, n.closedErr())
+	}
+	return Result{}, fmt.Errorf("publish ack of %s: %w", m.ID, err)
+}
+
+// DeadLetter implements Publisher: it publishes m to DeadLetterSubject with
+// the reason and waits for the ack. The message id is kept, so a repeated
+// dead-letter after a crash is deduplicated too.
+func (n *NATS) DeadLetter(ctx context.Context, m *Message, reason string) error {
+	msg := natsMessage(n.cfg.DeadLetterSubject, m)
+	msg.Header[natsHeaderReason] = []string{reason}
+	msg.Header[natsHeaderSubject] = []string{truncate(m.Key, maxSubjectBytes)}
+	if msg.Size()-len(msg.Subject) > n.maxPayload {
+		// The server would refuse the body too: dead-letter the facts only.
+		msg.Data = nil
+		msg.Header[natsHeaderOmitted] = []string{"true"}
+	}
+	ctx, cancel := context.WithTimeout(ctx, n.cfg.AckTimeout)
+	defer cancel()
+	if _, err := n.js.PublishMsg(ctx, msg, jetstream.WithExpectStream(n.cfg.DeadLetterStream), jetstream.WithRetryAttempts(0)); err != nil {
+		if n.nc.IsClosed() {
+			return fmt.Errorf("dead-letter %s: %w", m.ID, n.closedErr())
+		}
+		return fmt.Errorf("dead-letter %s to %q: %w", m.ID, n.cfg.DeadLetterSubject, err)
+	}
+	return nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n]
+}
+
+// Close implements Publisher.
+func (n *NATS) Close() error {
+	n.nc.Close()
+	return nil
+}

@@ -1,0 +1,330 @@
+package sink
+
+import (
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
+)
+
+func TestNATSSubjectRules(t *testing.T) {
+	for s, ok := range map[string]bool{
+		"outbox.order.created": true, "a": true, "outbox.order-v2.created_x": true, "a*b.c>d": true,
+		"": false, "outbox..created": false, ".a": false, "a.": false, "outbox.*.created": false,
+		"outbox.>": false, "outbox.bad type.created": false, "a\tb": false, "a\nb": false,
+		strings.Repeat("a", maxSubjectBytes+1): false,
+	} {
+		if got := ValidSubject(s) == ""; got != ok {
+			t.Errorf("ValidSubject(%.40q) = %q, want valid=%v", s, ValidSubject(s), ok)
+		}
+	}
+	for _, c := range []struct {
+		filter, want string
+		ok           bool
+	}{
+		{"outbox.>", "outbox.>", true}, {">", "outbox.>", true}, {"outbox.*.>", "outbox.>", false},
+		{"outbox.>", "outbox", false}, {"outbox.*", "outbox.a", true}, {"outbox.*", "outbox.a.b", false},
+		{"outbox.a", "outbox.a", true}, {"outbox.a", "outbox.b", false}, {"outbox.*", "outbox.>", false},
+		{"*.*", "a.b", true}, {"other.>", "outbox.>", false},
+	} {
+		if got := covers(c.filter, c.want); got != c.ok {
+			t.Errorf("covers(%q, %q) = %v, want %v", c.filter, c.want, got, c.ok)
+		}
+	}
+}
+
+// natsTest is one test's private streams on the shared server.
+type natsTest struct {
+	cfg    NATSConfig
+	prefix string // subjects are prefix.…
+	js     jetstream.JetStream
+}
+
+func newNATSTest(t *testing.T) *natsTest {
+	t.Helper()
+	testenv.Integration(t)
+	url := testenv.NATS(t)
+	prefix := testenv.Name(t, "subj")
+	nt := &natsTest{prefix: prefix, cfg: NATSConfig{
+		URL:               url,
+		Stream:            testenv.Name(t, "events"),
+		StreamSubjects:    []string{prefix + ".>"},
+		DeadLetterStream:  testenv.Name(t, "dead"),
+		DeadLetterSubject: prefix + "_dead_letter.events",
+		MaxPending:        256,
+		AckTimeout:        10 * time.Second,
+	}}
+	nc, err := nats.Connect(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if nt.js, err = jetstream.New(nc); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		for _, s := range []string{nt.cfg.Stream, nt.cfg.DeadLetterStream} {
+			if err := nt.js.DeleteStream(ctx, s); err != nil && !errors.Is(err, jetstream.ErrStreamNotFound) {
+				t.Errorf("delete stream %s: %v", s, err)
+			}
+		}
+		nc.Close()
+	})
+	return nt
+}
+
+func (nt *natsTest) dial(t *testing.T) *NATS {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	n, err := DialNATS(ctx, nt.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close() })
+	return n
+}
+
+// stored returns the messages of a stream in sequence order.
+func (nt *natsTest) stored(t *testing.T, stream string) []*jetstream.RawStreamMsg {
+	t.Helper()
+	ctx := context.Background()
+	s, err := nt.js.Stream(ctx, stream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := s.Info(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []*jetstream.RawStreamMsg
+	for seq := info.State.FirstSeq; seq <= info.State.LastSeq && info.State.Msgs > 0; seq++ {
+		m, err := s.GetMsg(ctx, seq)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+func testMessage(id, key, body string) *Message {
+	return &Message{ID: id, Key: key, Type: "created", AggregateType: "order",
+		AggregateID: "10000000-0000-4000-8000-000000000001",
+		OccurredAt:  time.Date(2024, 5, 1, 12, 0, 0, 123456789, time.FixedZone("x", 3600)), Body: []byte(body)}
+}
+
+func waitResult(t *testing.T, p Pending) Result {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	res, err := p.Wait(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res
+}
+
+// TestNATSPublishCreatesStreamAndKeepsFormat: the streams are created with
+// the documented settings, messages are acked, stored in publish order with
+// the subject, headers and body of the contract.
+func TestNATSPublishCreatesStreamAndKeepsFormat(t *testing.T) {
+	nt := newNATSTest(t)
+	n := nt.dial(t)
+	ctx := context.Background()
+	var pending []Pending
+	var sent []*Message
+	for i, body := range []string{`{"a":1}`, `null`, `"✓ naïve"`, `[1, 2]`} {
+		m := testMessage("00000000-0000-4000-8000-00000000000"+string(rune('1'+i)), nt.prefix+".order.created", body)
+		if r := n.Reject(m); r != "" {
+			t.Fatalf("Reject: %s", r)
+		}
+		p, err := n.Publish(ctx, m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pending, sent = append(pending, p), append(sent, m)
+	}
+	for i, p := range pending {
+		if res := waitResult(t, p); res.Outcome != Acked || res.Duplicate {
+			t.Fatalf("message %d: %+v, want a fresh ack", i, res)
+		}
+	}
+	got := nt.stored(t, nt.cfg.Stream)
+	if len(got) != len(sent) {
+		t.Fatalf("stream holds %d messages, want %d", len(got), len(sent))
+	}
+	for i, m := range got {
+		w := sent[i]
+		h := m.Header
+		if m.Subject != w.Key || string(m.Data) != string(w.Body) || h.Get(jetstream.MsgIDHeader) != w.ID ||
+			h.Get("type") != "created" || h.Get("Content-Type") != "application/json" ||
+			h.Get("aggregate_type") != "order" || h.Get("aggregate_id") != w.AggregateID ||
+			h.Get("occurred_at") != "2024-05-01T11:00:00.123456789Z" {
+			t.Fatalf("message %d: subject %q body %q headers %v", i, m.Subject, m.Data, h)
+		}
+	}
+	s, err := nt.js.Stream(ctx, nt.cfg.Stream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := s.CachedInfo().Config
+	if c.Storage != jetstream.FileStorage || c.Duplicates != 2*time.Minute || c.Retention != jetstream.LimitsPolicy ||
+		len(c.Subjects) != 1 || c.Subjects[0] != nt.prefix+".>" {
+		t.Fatalf("stream config %+v", c)
+	}
+	// A second relay finds the streams and uses them as they are.
+	nt.dial(t)
+}
+
+// TestNATSDuplicateIsAckedNotStored: the same message id published twice
+// is stored once; the second ack says Duplicate. This is what makes a
+// relay's replay after a crash invisible to NATS consumers.
+func TestNATSDuplicateIsAckedNotStored(t *testing.T) {
+	nt := newNATSTest(t)
+	n := nt.dial(t)
+	ctx := context.Background()
+	m := testMessage("00000000-0000-4000-8000-000000000042", nt.prefix+".order.created", `{"v":1}`)
+	p1, err := n.Publish(ctx, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res := waitResult(t, p1); res.Outcome != Acked || res.Duplicate {
+		t.Fatalf("first publish: %+v", res)
+	}
+	// A new connection, as after a relay restart.
+	n2 := nt.dial(t)
+	p2, err := n2.Publish(ctx, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res := waitResult(t, p2); res.Outcome != Acked || !res.Duplicate {
+		t.Fatalf("second publish: %+v, want Acked and Duplicate", res)
+	}
+	if got := nt.stored(t, nt.cfg.Stream); len(got) != 1 {
+		t.Fatalf("stream holds %d messages, want 1", len(got))
+	}
+}
+
+// TestNATSUnroutableIsReturned: a subject no stream captures is the
+// analogue of an unroutable message: Returned, not an error.
+func TestNATSUnroutableIsReturned(t *testing.T) {
+	nt := newNATSTest(t)
+	n := nt.dial(t)
+	m := testMessage("00000000-0000-4000-8000-000000000007", nt.prefix+"_nowhere.order.created", `{}`)
+	p, err := n.Publish(context.Background(), m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res := waitResult(t, p)
+	if res.Outcome != Returned || !strings.Contains(res.Reason, "no JetStream stream captures") {
+		t.Fatalf("%+v, want Returned", res)
+	}
+	// The connection is still usable.
+	ok := testMessage("00000000-0000-4000-8000-000000000008", nt.prefix+".order.created", `{}`)
+	p, err = n.Publish(context.Background(), ok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res := waitResult(t, p); res.Outcome != Acked {
+		t.Fatalf("%+v after a returned message", res)
+	}
+}
+
+// TestNATSRejectAndDeadLetter: messages NATS can never take are rejected
+// with the reason; DeadLetter stores them in the dead-letter stream with
+// the reason header (the payload omitted when it is too big).
+func TestNATSRejectAndDeadLetter(t *testing.T) {
+	nt := newNATSTest(t)
+	nt.cfg.MaxMessageBytes = 4096
+	n := nt.dial(t)
+	cases := map[string]*Message{
+		"white space": testMessage("00000000-0000-4000-8000-000000000011", nt.prefix+".bad type.created", `{}`),
+		"empty token": testMessage("00000000-0000-4000-8000-000000000012", nt.prefix+"..created", `{}`),
+		"wildcard":    testMessage("00000000-0000-4000-8000-000000000013", nt.prefix+".*.created", `{}`),
+		"4096":        testMessage("00000000-0000-4000-8000-000000000014", nt.prefix+".order.created", `"`+strings.Repeat("x", 5000)+`"`),
+	}
+	ctx := context.Background()
+	for want, m := range cases {
+		reason := n.Reject(m)
+		if !strings.Contains(reason, want) {
+			t.Fatalf("Reject(%q) = %q, want it to mention %q", m.Key, reason, want)
+		}
+		if err := n.DeadLetter(ctx, m, "rejected: "+reason); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A repeated dead-letter (a replay) is deduplicated too.
+	if err := n.DeadLetter(ctx, cases["wildcard"], "again"); err != nil {
+		t.Fatal(err)
+	}
+	dead := nt.stored(t, nt.cfg.DeadLetterStream)
+	if len(dead) != len(cases) {
+		t.Fatalf("dead-letter stream holds %d messages, want %d", len(dead), len(cases))
+	}
+	for _, d := range dead {
+		h := d.Header
+		if d.Subject != nt.cfg.DeadLetterSubject || !strings.HasPrefix(h.Get("Outbox-Reason"), "rejected: ") ||
+			h.Get("Outbox-Subject") == "" || h.Get(jetstream.MsgIDHeader) == "" {
+			t.Fatalf("dead letter %q headers %v", d.Subject, h)
+		}
+		big := h.Get(jetstream.MsgIDHeader) == cases["4096"].ID
+		if big != (h.Get("Outbox-Payload-Omitted") == "true") || big != (len(d.Data) == 0) {
+			t.Fatalf("dead letter %s: payload %d bytes, headers %v", h.Get(jetstream.MsgIDHeader), len(d.Data), h)
+		}
+	}
+}
+
+// TestNATSExistingStreamMustCaptureSubjects: a stream of that name that does
+// not capture the relay's subjects is a configuration error at dial, not a
+// stream of returned messages.
+func TestNATSExistingStreamMustCaptureSubjects(t *testing.T) {
+	nt := newNATSTest(t)
+	_, err := nt.js.CreateStream(context.Background(), jetstream.StreamConfig{
+		Name: nt.cfg.Stream, Subjects: []string{nt.prefix + ".other.*"}, Storage: jetstream.MemoryStorage})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = DialNATS(context.Background(), nt.cfg)
+	if err == nil || !strings.Contains(err.Error(), "does not capture") {
+		t.Fatalf("DialNATS = %v, want a does-not-capture error", err)
+	}
+}
+
+// TestNATSClosedConnectionIsAnError: after the connection is gone, Publish
+// and Wait return errors (the relay reconnects), never a verdict or a hang.
+func TestNATSClosedConnectionIsAnError(t *testing.T) {
+	nt := newNATSTest(t)
+	n := nt.dial(t)
+	ctx := context.Background()
+	m := testMessage("00000000-0000-4000-8000-000000000021", nt.prefix+".order.created", `{}`)
+	n.nc.Close()
+	if _, err := n.Publish(ctx, m); !errors.Is(err, ErrNATSClosed) {
+		t.Fatalf("Publish after close: %v, want ErrNATSClosed", err)
+	}
+
+	n = nt.dial(t)
+	// Close before the ack is read: Wait returns the ack if it beat the
+	// close, else an error; it never hangs.
+	p, err := n.Publish(ctx, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.nc.Close()
+	wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	res, err := p.Wait(wctx)
+	if errors.Is(err, context.DeadlineExceeded) {
+		t.Fatal("Wait hung after the connection closed")
+	}
+	if err == nil && res.Outcome != Acked {
+		t.Fatalf("Wait = %+v, want an error or the ack that beat the close", res)
+	}
+}
