@@ -115,7 +115,7 @@ func Prune(ctx context.Context, db DB, t Table, olderThan time.Duration, batchSi
 // relay. It returns when ctx ends.
 func Run(ctx context.Context, db DB, t Table, olderThan time.Duration, batchSize int, interval time.Duration, log zerolog.Logger) {
 	log = log.With().Str("component", "retention").Str("table", t.String()).
-		Dur("older_than", olderThan).Logger()
+		Stringer("older_than", olderThan).Logger()
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	for {
@@ -127,7 +127,7 @@ func Run(ctx context.Context, db DB, t Table, olderThan time.Duration, batchSize
 		case err != nil:
 			log.Error().Err(err).Int64("deleted", n).Msg("retention pass failed; retrying at the next interval")
 		default:
-			log.Info().Int64("deleted", n).Dur("took", time.Since(began)).
+			log.Info().Int64("deleted", n).Stringer("took", time.Since(began).Round(time.Millisecond)).
 				Msg("retention pass: deleted published rows older than the cut-off")
 		}
 		select {

@@ -23,7 +23,7 @@ func startBackground(ctx context.Context, cfg *config.Config, pool *pgxpool.Pool
 	var wg sync.WaitGroup
 	schema, table, _ := config.SplitTable(cfg.Table)
 	if cfg.Retention > 0 {
-		log.Info().Dur("retention", cfg.Retention).Dur("interval", cfg.RetentionInterval).
+		log.Info().Stringer("retention", cfg.Retention).Stringer("interval", cfg.RetentionInterval).
 			Msg("background retention on (RELAY_RETENTION): published rows older than this are deleted")
 		wg.Go(func() {
 			retention.Run(ctx, pool, retention.Table{Schema: schema, Name: table}, cfg.Retention,
