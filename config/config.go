@@ -83,6 +83,21 @@ type Config struct {
 	// the unpublished rows this often for the metrics of the same names.
 	// Off by default: an idle relay then sends no queries at all.
 	StatusPollInterval time.Duration `env:"RELAY_STATUS_POLL_INTERVAL" envDefault:"0s"`
+
+	// Sink selects the broker: rabbitmq (RELAY_AMQP_*, RELAY_EXCHANGE...)
+	// or nats (JetStream, RELAY_NATS_*; see nats.go and docs/sinks.md).
+	Sink string `env:"RELAY_SINK" envDefault:"rabbitmq"`
+	// NATSURL is the NATS server URL, or a comma-separated list of them.
+	NATSURL string `env:"RELAY_NATS_URL" envDefault:"nats://127.0.0.1:4222"`
+	// NATSStream is the JetStream stream of the events, created when
+	// missing to capture NATSStreamSubjects.
+	NATSStream string `env:"RELAY_NATS_STREAM" envDefault:"OUTBOX_EVENTS"`
+	// NATSDeadLetterStream captures NATSDeadLetterSubject, created when missing.
+	NATSDeadLetterStream  string `env:"RELAY_NATS_DEAD_LETTER_STREAM" envDefault:"OUTBOX_DEAD_LETTER"`
+	NATSDeadLetterSubject string `env:"RELAY_NATS_DEAD_LETTER_SUBJECT" envDefault:"outbox_dead_letter.events"`
+	// NATSDuplicateWindow is the duplicate window of the streams the relay
+	// creates: a replay within it is not stored again.
+	NATSDuplicateWindow time.Duration `env:"RELAY_NATS_DUPLICATE_WINDOW" envDefault:"2m"`
 }
 
 var slotPattern = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)
@@ -105,6 +120,9 @@ func parse() (*Config, error) {
 	var c Config
 	err := env.Parse(&c)
 	if err == nil {
+		if c.Sink == SinkNATS && os.Getenv("RELAY_ROUTING_KEY") == "" {
+			c.RoutingKey = DefaultNATSSubject
+		}
 		return &c, nil
 	}
 	var agg env.AggregateError
@@ -169,17 +187,24 @@ func (c *Config) validateDatabase() error {
 // Validate checks every field and reports all problems at once.
 func (c *Config) Validate() error {
 	errs := []error{c.validateDatabase()}
-	if u, err := url.Parse(c.AMQPURL); err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") || u.Host == "" {
-		errs = append(errs, errors.New("RELAY_AMQP_URL must be an amqp:// or amqps:// URL with a host"))
-	}
-	if c.Exchange == "" {
-		errs = append(errs, errors.New("RELAY_EXCHANGE must not be empty"))
-	}
-	if c.DeadLetterExchange == "" {
-		errs = append(errs, errors.New("RELAY_DEAD_LETTER_EXCHANGE must not be empty"))
-	}
-	if c.DeadLetterExchange == c.Exchange {
-		errs = append(errs, errors.New("RELAY_DEAD_LETTER_EXCHANGE must differ from RELAY_EXCHANGE"))
+	switch c.Sink {
+	case SinkRabbitMQ, "": // "": a Config built in code, as tests do
+		if u, err := url.Parse(c.AMQPURL); err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") || u.Host == "" {
+			errs = append(errs, errors.New("RELAY_AMQP_URL must be an amqp:// or amqps:// URL with a host"))
+		}
+		if c.Exchange == "" {
+			errs = append(errs, errors.New("RELAY_EXCHANGE must not be empty"))
+		}
+		if c.DeadLetterExchange == "" {
+			errs = append(errs, errors.New("RELAY_DEAD_LETTER_EXCHANGE must not be empty"))
+		}
+		if c.DeadLetterExchange == c.Exchange {
+			errs = append(errs, errors.New("RELAY_DEAD_LETTER_EXCHANGE must differ from RELAY_EXCHANGE"))
+		}
+	case SinkNATS:
+		errs = append(errs, c.validateNATS()...)
+	default:
+		errs = append(errs, fmt.Errorf("RELAY_SINK %q is not one of %s, %s", c.Sink, SinkRabbitMQ, SinkNATS))
 	}
 	if _, err := ParseRoutingKey(c.RoutingKey); err != nil {
 		errs = append(errs, fmt.Errorf("RELAY_ROUTING_KEY: %w", err))
