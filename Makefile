@@ -10,13 +10,24 @@ BIN        ?= bin/outbox-relay
 IMAGE      ?= outbox-relay:local
 BENCH_ARGS ?=
 
-.PHONY: test unit build demo bench fuzz lint docker
+.PHONY: test faults faults-only unit build demo bench fuzz lint docker
 
 ## test: services (scripts/test-env.sh), go vet, all tests with -race
 test:
 	. scripts/test-env.sh && \
 	$(GO) vet ./... && \
-	$(GO) test -race -count=1 -timeout 12m ./...
+	$(GO) test -race -count=1 -timeout 12m ./... && \
+	$(MAKE) --no-print-directory faults-only
+
+## faults: the fault-injection tests (they stop RabbitMQ and restart
+## PostgreSQL, so they run alone, after everything else)
+faults:
+	. scripts/test-env.sh && $(MAKE) --no-print-directory faults-only
+
+faults-only:
+	$(GO) test -race -count=1 -p 1 -tags faults -timeout 15m -v ./faulttest/ | \
+	  grep -E '^(=== RUN|--- |PASS|FAIL|ok)|faults_test.go|harness_test.go|^\s+\S+\.go:[0-9]+:' || true; \
+	exit $${PIPESTATUS[0]}
 
 ## unit: tests that need no services (integration tests skip under -short)
 unit:

@@ -144,17 +144,19 @@ func (s *session) confirm(ctx context.Context) error {
 	}
 }
 
-// await resolves one published item: acked, or handled by policy.
+// await resolves one published item: acked, or handled by policy. Retries
+// share the session's backoff: the first retry of an item goes at once (the
+// cause may be gone already), and only consecutive failures wait longer.
 func (s *session) await(ctx context.Context, it *item) error {
 	nacks := 0
-	bo := newBackoff(s.r.cfg.BackoffMin, s.r.cfg.BackoffMax)
-	for {
+	for attempt := 0; ; attempt++ {
 		res, err := it.pending.Wait(ctx)
 		if err != nil {
 			return fmt.Errorf("%w: %w", errBroker, err)
 		}
 		switch res.Outcome {
 		case sink.Acked:
+			s.retry.reset()
 			return nil
 		case sink.Returned:
 			switch s.r.cfg.Unroutable {
@@ -167,9 +169,10 @@ func (s *session) await(ctx context.Context, it *item) error {
 				it.dead = "dropped: unroutable"
 				return nil
 			}
-			// retry: wait for a binding, republish.
-			s.log.Warn().Str("id", it.msg.ID).Str("routing_key", it.msg.Key).
-				Msg("no queue is bound for this event; retrying (RELAY_UNROUTABLE=retry)")
+			if attempt == 0 {
+				s.log.Warn().Str("id", it.msg.ID).Str("routing_key", it.msg.Key).
+					Msg("no queue is bound for this event; retrying until one is (RELAY_UNROUTABLE=retry)")
+			}
 			s.r.m.Retries.WithLabelValues("rabbitmq", "unroutable").Inc()
 		case sink.Nacked:
 			nacks++
@@ -179,7 +182,7 @@ func (s *session) await(ctx context.Context, it *item) error {
 			}
 			s.log.Warn().Str("id", it.msg.ID).Int("nacks", nacks).Msg("broker nacked the event; republishing")
 		}
-		if !sleep(ctx, bo.next()) {
+		if attempt > 0 && !sleep(ctx, s.retry.next()) {
 			return ctx.Err()
 		}
 		it.sentAt = time.Now()

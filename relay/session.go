@@ -45,7 +45,8 @@ type session struct {
 	confirmed chan *item
 	drained   chan struct{}
 
-	filtering  bool // replayed rows may already be marked; see filterPublished
+	filtering  bool     // replayed rows may already be marked; see filterPublished
+	retry      *backoff // shared by the confirmer's republishes
 	serverEnd  pglogrepl.LSN
 	lastStatus time.Time
 	lastHeard  time.Time // last message from the server
@@ -136,6 +137,7 @@ func (r *Relay) session(ctx context.Context) error {
 		confirmed: make(chan *item, r.cfg.MarkBatchSize*2),
 		drained:   make(chan struct{}),
 		filtering: true,
+		retry:     newBackoff(r.cfg.BackoffMin, r.cfg.BackoffMax),
 	}
 	r.m.AckedLSN.Set(float64(start))
 

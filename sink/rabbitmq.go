@@ -235,7 +235,13 @@ func (p *rabbitPending) Wait(ctx context.Context) (Result, error) {
 	defer r.mu.Unlock()
 	for {
 		select {
-		case ret := <-r.returns:
+		case ret, ok := <-r.returns:
+			if !ok {
+				// amqp091 closes notify channels on shutdown; a nil channel
+				// keeps this select from spinning on it.
+				r.returns = nil
+				continue
+			}
 			r.returned[ret.MessageId] = fmt.Sprintf("%d %s", ret.ReplyCode, ret.ReplyText)
 		case <-p.dc.Done():
 			// A return precedes its ack on the wire and amqp091 hands it to
@@ -262,7 +268,11 @@ func (p *rabbitPending) Wait(ctx context.Context) (Result, error) {
 func (r *RabbitMQ) drainReturns() {
 	for {
 		select {
-		case ret := <-r.returns:
+		case ret, ok := <-r.returns:
+			if !ok {
+				r.returns = nil
+				return
+			}
 			r.returned[ret.MessageId] = fmt.Sprintf("%d %s", ret.ReplyCode, ret.ReplyText)
 		default:
 			return

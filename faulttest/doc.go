@@ -1,0 +1,12 @@
+// Package faulttest holds the fault-injection tests of outbox-relay: the
+// relay binary runs as a subprocess against the real PostgreSQL and
+// RabbitMQ while the tests kill it, stop the broker, restart the database,
+// cut or silence connections (through an in-process TCP proxy) and lose the
+// slot. Each test asserts against the table itself: every committed row is
+// delivered at least once and marked, and the slot is never acknowledged
+// past work that is not done.
+//
+// The tests stop and restart shared services, so they carry the build tag
+// "faults" and `make test` runs them on their own, after the other
+// packages, with -p 1.
+package faulttest
