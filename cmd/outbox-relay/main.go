@@ -85,7 +85,7 @@ func versionString() string {
 
 // loadConfig reads the environment; tools need only the database.
 func loadConfig(stderr io.Writer, forTools bool) (*config.Config, bool) {
-	if err := config.ReadSecretFiles("RELAY_DATABASE_URL", "RELAY_AMQP_URL"); err != nil {
+	if err := config.ReadSecretFiles("RELAY_DATABASE_URL", "RELAY_AMQP_URL", "RELAY_NATS_URL"); err != nil {
 		fmt.Fprintf(stderr, "outbox-relay: configuration: %v\n", err)
 		return nil, false
 	}
@@ -149,7 +149,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 	}()
 
 	log.Info().Str("version", versionString()).
-		Str("database", config.Redact(cfg.DatabaseURL)).Str("amqp", config.Redact(cfg.AMQPURL)).
+		Str("database", config.Redact(cfg.DatabaseURL)).Str("sink", cfg.Sink).Str("amqp", config.Redact(cfg.AMQPURL)).
 		Str("slot", cfg.Slot).Str("publication", cfg.Publication).Str("table", cfg.Table).
 		Str("exchange", cfg.Exchange).Msg("starting outbox-relay")
 
@@ -181,6 +181,13 @@ func cmdRun(args []string, stderr io.Writer) int {
 		log.Error().Err(err).Msg("cannot start")
 		return 1
 	}
+	var dialNATS func(context.Context) (sink.Publisher, error)
+	if cfg.Sink == config.SinkNATS {
+		if dialNATS, err = natsPublisher(cfg); err != nil {
+			log.Error().Err(err).Msg("cannot start")
+			return 1
+		}
+	}
 	r, err := relay.New(relay.Options{
 		Config:      cfg,
 		Pool:        pool,
@@ -188,6 +195,9 @@ func cmdRun(args []string, stderr io.Writer) int {
 		Metrics:     m,
 		Replication: replCfg,
 		NewPublisher: func(ctx context.Context) (sink.Publisher, error) {
+			if dialNATS != nil {
+				return dialNATS(ctx)
+			}
 			return sink.DialRabbitMQ(ctx, sink.RabbitMQConfig{
 				URL:                cfg.AMQPURL,
 				Exchange:           cfg.Exchange,
