@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# local-services.sh: make THIS machine's own PostgreSQL and RabbitMQ ready for
+# local-services.sh: make THIS machine's own PostgreSQL, RabbitMQ and NATS ready for
 # outbox-relay and its integration tests (no Docker involved).
 #
 # Idempotent and non-destructive: it never drops data. It may
@@ -7,15 +7,20 @@
 #   - write conf.d/95-outbox-relay.conf (wal_level=logical and enough slots and
 #     walsenders) and restart PostgreSQL when a setting is too low,
 #   - add loopback `trust` lines to pg_hba.conf and reload,
-#   - start PostgreSQL and RabbitMQ when they are not running.
+#   - start PostgreSQL and RabbitMQ when they are not running,
+#   - install nats-server with apt-get when it is missing and start it with
+#     JetStream (-js, store in /var/lib/nats-server) when nothing answers on
+#     NATS_PORT.
 #
-# Environment: PGPORT (default 5432), AMQP_PORT (default 5672),
+# Environment: PGPORT (default 5432), AMQP_PORT (default 5672), NATS_PORT
+# (default 4222),
 # OUTBOX_RABBITMQ_MANAGEMENT=1 also enables the management plugin (slow, off
 # by default).
 set -euo pipefail
 
 PGPORT="${PGPORT:-5432}"
 AMQP_PORT="${AMQP_PORT:-5672}"
+NATS_PORT="${NATS_PORT:-4222}"
 WANT_SLOTS=64
 WANT_SENDERS=64
 CONF_NAME="95-outbox-relay.conf"
@@ -165,6 +170,34 @@ fi
 psql -X -Atq -w -h 127.0.0.1 -p "$PGPORT" -U postgres -d postgres -c 'SELECT 1' >/dev/null ||
 	die "cannot connect as postgres@127.0.0.1:$PGPORT without a password"
 log "PostgreSQL ready: postgres://postgres@127.0.0.1:$PGPORT/postgres"
+
+# --- NATS (JetStream) -----------------------------------------------------------
+
+nats_up() { (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null; }
+if ! nats_up; then
+	nats_bin=/usr/sbin/nats-server
+	[ -x "$nats_bin" ] || nats_bin="$(command -v nats-server || true)"
+	if [ -z "$nats_bin" ]; then
+		command -v apt-get >/dev/null 2>&1 || die "nats-server is missing and apt-get is not available; install it by hand"
+		log "installing nats-server with apt-get"
+		$SUDO apt-get update -qq || die "apt-get update failed"
+		$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nats-server >/dev/null ||
+			die "apt-get install nats-server failed"
+		nats_bin=/usr/sbin/nats-server
+		[ -x "$nats_bin" ] || nats_bin="$(command -v nats-server)" || die "nats-server not found after installing it"
+	fi
+	log "starting nats-server with JetStream on 127.0.0.1:$NATS_PORT"
+	$SUDO mkdir -p /var/lib/nats-server
+	$SUDO start-stop-daemon --start --oknodo --background --exec "$nats_bin" -- \
+		-a 127.0.0.1 -p "$NATS_PORT" -js -sd /var/lib/nats-server -l /var/log/nats-server.log ||
+		die "starting nats-server failed"
+	for _ in $(seq 1 30); do
+		nats_up && break
+		sleep 1
+	done
+	nats_up || die "NATS does not answer on 127.0.0.1:$NATS_PORT (see /var/log/nats-server.log)"
+fi
+log "NATS ready: nats://127.0.0.1:$NATS_PORT"
 
 # --- RabbitMQ ---------------------------------------------------------------
 

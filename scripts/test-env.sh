@@ -3,6 +3,7 @@
 # integration tests and export where they are:
 #   OUTBOX_TEST_DATABASE_URL  admin URL of the server (tests create their own databases)
 #   OUTBOX_TEST_AMQP_URL      broker URL
+#   OUTBOX_TEST_NATS_URL      NATS server with JetStream (default nats://127.0.0.1:4222)
 #
 # Where the services come from:
 #   - both variables already set: used as they are, nothing is started;
@@ -17,6 +18,7 @@
 _outbox_test_env() {
 	local root mode pg_port amqp_port
 	root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+	export OUTBOX_TEST_NATS_URL="${OUTBOX_TEST_NATS_URL:-nats://127.0.0.1:4222}"
 
 	if [ -n "${OUTBOX_TEST_DATABASE_URL:-}" ] && [ -n "${OUTBOX_TEST_AMQP_URL:-}" ]; then
 		echo "test-env: using the given OUTBOX_TEST_DATABASE_URL and OUTBOX_TEST_AMQP_URL" >&2
@@ -34,8 +36,8 @@ _outbox_test_env() {
 
 	case "$mode" in
 	docker)
-		echo "test-env: Docker answers: docker compose up -d --wait postgres rabbitmq" >&2
-		(cd "$root" && docker compose up -d --wait postgres rabbitmq) >&2 || {
+		echo "test-env: Docker answers: docker compose up -d --wait postgres rabbitmq nats" >&2
+		(cd "$root" && docker compose up -d --wait postgres rabbitmq nats) >&2 || {
 			echo "test-env: ERROR: docker compose up failed" >&2
 			return 1
 		}
@@ -66,8 +68,8 @@ if [ "${BASH_SOURCE[0]}" = "$0" ]; then
 	# Executed: print the exports for eval.
 	set -euo pipefail
 	_outbox_test_env
-	printf 'export OUTBOX_TEST_DATABASE_URL=%q\nexport OUTBOX_TEST_AMQP_URL=%q\n' \
-		"$OUTBOX_TEST_DATABASE_URL" "$OUTBOX_TEST_AMQP_URL"
+	printf 'export OUTBOX_TEST_DATABASE_URL=%q\nexport OUTBOX_TEST_AMQP_URL=%q\nexport OUTBOX_TEST_NATS_URL=%q\n' \
+		"$OUTBOX_TEST_DATABASE_URL" "$OUTBOX_TEST_AMQP_URL" "$OUTBOX_TEST_NATS_URL"
 else
 	_outbox_test_env
 fi

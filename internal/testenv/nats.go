@@ -18,7 +18,7 @@ import (
 const EnvNATSURL = "OUTBOX_TEST_NATS_URL"
 
 // natsImage matches docker-compose.yml.
-const natsImage = "nats:2"
+const natsImage = "nats:2-alpine"
 
 var natsSrv struct {
 	once sync.Once
@@ -52,7 +52,7 @@ func startNATS() (string, error) {
 			Image:        natsImage,
 			Cmd:          []string{"-js"},
 			ExposedPorts: []string{"4222/tcp"},
-			WaitingFor:   wait.ForListeningPort("4222/tcp"),
+			WaitingFor:   wait.ForLog("Server is ready"),
 		},
 		Started: true,
 	})
