@@ -7,8 +7,10 @@
 //     itself, so a row is never deleted on the strength of a stale read.
 //     Unpublished rows are never touched, however old.
 //   - Each batch is one statement in its own transaction. Interrupting a
-//     prune (cancelling ctx, killing the process) rolls back at most the
-//     batch in progress; the table is consistent at every point.
+//     prune (cancelling ctx, killing the process) leaves the batch in
+//     progress either committed or rolled back as a whole; the table is
+//     consistent at every point. The count returned on interruption may miss
+//     that last batch, if it committed just as the statement was cancelled.
 //   - The cut-off is fixed once, from the database clock (the clock that set
 //     published_at), when Prune starts.
 //

@@ -68,7 +68,7 @@ func cmdPrune(args []string, stdout, stderr io.Writer) int {
 	took := time.Since(began).Round(time.Millisecond)
 	switch {
 	case errors.Is(err, context.Canceled):
-		fmt.Fprintf(stdout, "interrupted after deleting %d rows in %s; the table is consistent, run prune again to continue\n", n, took)
+		fmt.Fprintf(stdout, "interrupted after deleting at least %d rows in %s; the table is consistent, run prune again to continue\n", n, took)
 		return 1
 	case err != nil:
 		fmt.Fprintf(stderr, "outbox-relay prune: %s: %v (deleted %d rows before the error)\n", config.Redact(cfg.DatabaseURL), err, n)
