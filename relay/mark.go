@@ -33,6 +33,7 @@ func (s *session) mark(ctx context.Context) error {
 			}
 		}
 		if err := s.markBatch(ctx, batch); err != nil {
+			s.unmarked = batch // carried over once the session has stopped
 			return err
 		}
 	}

@@ -86,6 +86,11 @@ func (s *session) publishOne(ctx context.Context, it *item) error {
 		it.skip = true // inserted already published: nothing to do
 		return nil
 	}
+	if _, ok := s.r.confirmed[ev.ID]; ok {
+		delete(s.r.confirmed, ev.ID)
+		it.carried = true // the broker has it already; only the mark is missing
+		return nil
+	}
 	it.msg = sink.Message{
 		ID:            ev.ID,
 		Type:          ev.EventType,
@@ -127,7 +132,7 @@ func (s *session) confirm(ctx context.Context) error {
 			return err
 		}
 		switch {
-		case it.skip:
+		case it.skip, it.carried:
 		case it.dead != "":
 			if err := s.deadLetter(ctx, it, it.dead); err != nil {
 				return err

@@ -43,6 +43,11 @@ type Relay struct {
 	table      string
 	tableIdent string
 	streamed   bool // a session has reached streaming at least once
+	// confirmed holds ids the broker confirmed in a session that failed
+	// before it could mark them. The next session marks them without
+	// publishing them again: a broker or database hiccup causes no
+	// duplicates, only a crash of the relay itself does.
+	confirmed map[string]struct{}
 }
 
 // New validates the wiring and returns a Relay.
@@ -67,6 +72,7 @@ func New(opt Options) (*Relay, error) {
 	return &Relay{
 		opt: opt, cfg: opt.Config, log: opt.Log, m: opt.Metrics, key: key,
 		schema: schema, table: table, tableIdent: pgx.Identifier{schema, table}.Sanitize(),
+		confirmed: make(map[string]struct{}),
 	}, nil
 }
 

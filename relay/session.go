@@ -29,6 +29,7 @@ type item struct {
 	sentAt    time.Time
 	dead      string // dead-letter with this reason instead of publishing
 	skip      bool   // already published: neither publish nor mark
+	carried   bool   // confirmed in an earlier session: mark, do not publish
 	noMark    bool   // handled without a row to mark (dropped by policy)
 }
 
@@ -47,6 +48,7 @@ type session struct {
 
 	filtering  bool     // replayed rows may already be marked; see filterPublished
 	retry      *backoff // shared by the confirmer's republishes
+	unmarked   []*item  // the marker's batch when a mark failed
 	serverEnd  pglogrepl.LSN
 	lastStatus time.Time
 	lastHeard  time.Time // last message from the server
@@ -162,10 +164,21 @@ func (r *Relay) session(ctx context.Context) error {
 	if r.cfg.HeartbeatInterval > 0 {
 		g.Go(func() error { return s.heartbeat(ctx, gctx) })
 	}
-	return g.Wait()
+	err = g.Wait()
+	// Events the broker confirmed but nobody marked: the next session marks
+	// them instead of publishing them again. The confirmer closed the
+	// channel when it stopped, so this ends.
+	for _, it := range s.unmarked {
+		s.carry(it)
+	}
+	for it := range s.confirmed {
+		s.carry(it)
+	}
+	return err
 }
 
-// read owns the replication connection for the whole session.
+// read owns the replication connection for the whole session. When it
+// stops, for a signal or a failure, it lets the events already read finish.
 func (s *session) read(soft, ctx context.Context, sweep pgx.Tx) (err error) {
 	defer func() {
 		// Whatever happened, tell the server what is done: it shortens the
@@ -174,18 +187,42 @@ func (s *session) read(soft, ctx context.Context, sweep pgx.Tx) (err error) {
 			err = serr
 		}
 	}()
+	err = s.stream(soft, ctx, sweep)
+	close(s.items)
+	switch {
+	case errors.Is(err, errStopping):
+		s.r.m.SetReady(false, "shutting down")
+		return s.awaitDrain(ctx)
+	case err != nil && ctx.Err() == nil:
+		// The stream failed but the broker may be fine: give the events in
+		// flight a moment to be confirmed, so they are marked (or carried
+		// to the next session) rather than published again.
+		t := time.NewTimer(5 * time.Second)
+		defer t.Stop()
+		select {
+		case <-s.drained:
+		case <-t.C:
+		case <-ctx.Done():
+		}
+	}
+	return err
+}
+
+// errStopping ends the stream for a graceful stop.
+var errStopping = errors.New("stopping")
+
+// stream starts replication and feeds the pipeline until it fails or soft
+// ends.
+func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 	if sweep != nil {
 		if err := s.sweep(soft, ctx, sweep); err != nil {
-			close(s.items)
 			return err
 		}
 	}
 	if soft.Err() != nil {
-		close(s.items)
-		return s.awaitDrain(ctx)
+		return errStopping
 	}
 	if err := s.conn.Start(ctx, s.r.cfg.Slot, s.r.cfg.Publication, 0); err != nil {
-		close(s.items)
 		if replicationInUse(err) {
 			return errStandby
 		}
@@ -205,12 +242,9 @@ func (s *session) read(soft, ctx context.Context, sweep pgx.Tx) (err error) {
 	s.lastHeard = time.Now()
 	for {
 		if soft.Err() != nil {
-			close(s.items)
-			s.r.m.SetReady(false, "shutting down")
-			return s.awaitDrain(ctx)
+			return errStopping
 		}
 		if ctx.Err() != nil {
-			close(s.items)
 			return ctx.Err()
 		}
 		msg, err := s.conn.Receive(nextStatus)
@@ -220,19 +254,16 @@ func (s *session) read(soft, ctx context.Context, sweep pgx.Tx) (err error) {
 			// (or network) that stopped answering without closing.
 			silent := now.Sub(s.lastHeard)
 			if silent > s.r.cfg.PostgresTimeout {
-				close(s.items)
 				return fmt.Errorf("%w: no message on the replication stream for %s (RELAY_POSTGRES_TIMEOUT)",
 					errDatabase, silent.Round(time.Second))
 			}
 			if err := s.sendStatus(silent > interval); err != nil {
-				close(s.items)
 				return err
 			}
 			nextStatus = now.Add(interval)
 			continue
 		}
 		if err != nil {
-			close(s.items)
 			if replicationInUse(err) {
 				return errStandby
 			}
@@ -247,7 +278,6 @@ func (s *session) read(soft, ctx context.Context, sweep pgx.Tx) (err error) {
 			s.tracker.AdvanceIdle(msg.ServerWALEnd)
 			if msg.ReplyRequested || !now.Before(nextStatus) {
 				if err := s.sendStatus(false); err != nil {
-					close(s.items)
 					return err
 				}
 				nextStatus = now.Add(interval)
@@ -257,7 +287,6 @@ func (s *session) read(soft, ctx context.Context, sweep pgx.Tx) (err error) {
 		s.tracker.Received(msg.WALStart)
 		m, err := dec.Decode(msg.Data)
 		if err != nil {
-			close(s.items)
 			return fmt.Errorf("decode pgoutput message at %s: %w", msg.WALStart, err)
 		}
 		switch m.Kind {
@@ -265,13 +294,11 @@ func (s *session) read(soft, ctx context.Context, sweep pgx.Tx) (err error) {
 			tx, xid, commitLSN = s.tracker.Begin(), m.Begin.Xid, m.Begin.FinalLSN
 		case decoder.KindEvent:
 			if tx == nil {
-				close(s.items)
 				return fmt.Errorf("decode pgoutput message at %s: insert outside a transaction", msg.WALStart)
 			}
 			s.tracker.Add(tx)
 			it := &item{tx: tx, xid: xid, commitLSN: commitLSN, ev: m.Event}
 			if err := s.send(ctx, it, &nextStatus); err != nil {
-				close(s.items)
 				return err
 			}
 		case decoder.KindCommit:
@@ -282,7 +309,6 @@ func (s *session) read(soft, ctx context.Context, sweep pgx.Tx) (err error) {
 		}
 		if !now.Before(nextStatus) {
 			if err := s.sendStatus(false); err != nil {
-				close(s.items)
 				return err
 			}
 			nextStatus = now.Add(interval)
@@ -380,5 +406,15 @@ func (s *session) heartbeat(soft, ctx context.Context) error {
 			s.r.m.Retries.WithLabelValues("postgres", "heartbeat").Inc()
 			s.log.Warn().Err(err).Msg("heartbeat (RELAY_HEARTBEAT_INTERVAL) failed")
 		}
+	}
+}
+
+// carry remembers a confirmed, unmarked event for the next session.
+func (s *session) carry(it *item) {
+	if it.skip || it.noMark || it.ev.ID == "" {
+		return
+	}
+	if len(s.r.confirmed) < 4*s.r.cfg.PublishWindow+4*s.r.cfg.MarkBatchSize {
+		s.r.confirmed[it.ev.ID] = struct{}{}
 	}
 }
