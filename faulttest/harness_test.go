@@ -187,9 +187,9 @@ func (w *world) consume() {
 
 // relayProc is the relay binary running as a subprocess.
 type relayProc struct {
-	cmd  *exec.Cmd
-	done chan error
-	out  *lockedBuffer
+	cmd    *exec.Cmd
+	exited chan struct{} // closed when the process has exited
+	out    *lockedBuffer
 }
 
 type lockedBuffer struct {
@@ -216,22 +216,23 @@ func (w *world) startRelay(extra ...string) *relayProc {
 	out := &lockedBuffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	must(w.t, cmd.Start())
-	p := &relayProc{cmd: cmd, done: make(chan error, 1), out: out}
-	go func() { p.done <- cmd.Wait() }()
+	p := &relayProc{cmd: cmd, exited: make(chan struct{}), out: out}
+	go func() {
+		_ = cmd.Wait()
+		close(p.exited)
+	}()
 	w.t.Cleanup(func() {
 		if p.alive() {
 			if w.t.Failed() {
 				// A goroutine dump in the log shows where a stuck relay waits.
 				_ = p.cmd.Process.Signal(syscall.SIGQUIT)
 				select {
-				case err := <-p.done:
-					p.done <- err
+				case <-p.exited:
 				case <-time.After(2 * time.Second):
 				}
 			}
 			_ = p.cmd.Process.Kill()
-			err := <-p.done
-			p.done <- err
+			<-p.exited
 		}
 		if w.t.Failed() {
 			w.t.Logf("relay output:\n%s", tail(out.String(), 30000))
@@ -250,7 +251,7 @@ func tail(s string, n int) string {
 func (p *relayProc) kill(t *testing.T) {
 	t.Helper()
 	_ = p.cmd.Process.Signal(syscall.SIGKILL)
-	<-p.done
+	<-p.exited
 }
 
 // term sends SIGTERM and returns the exit code.
@@ -258,7 +259,7 @@ func (p *relayProc) term(t *testing.T, within time.Duration) int {
 	t.Helper()
 	_ = p.cmd.Process.Signal(syscall.SIGTERM)
 	select {
-	case <-p.done:
+	case <-p.exited:
 		return p.cmd.ProcessState.ExitCode()
 	case <-time.After(within):
 		t.Fatalf("relay did not exit within %s of SIGTERM", within)
@@ -268,8 +269,7 @@ func (p *relayProc) term(t *testing.T, within time.Duration) int {
 
 func (p *relayProc) alive() bool {
 	select {
-	case err := <-p.done:
-		p.done <- err
+	case <-p.exited:
 		return false
 	default:
 		return true
