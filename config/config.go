@@ -45,8 +45,11 @@ type Config struct {
 	Unroutable string `env:"RELAY_UNROUTABLE" envDefault:"dead-letter"`
 	// MetricsAddr serves /metrics, /healthz and /readyz; empty disables it.
 	MetricsAddr string `env:"RELAY_METRICS_ADDR" envDefault:":9740"`
-	LogLevel    string `env:"RELAY_LOG_LEVEL" envDefault:"info"`
-	LogFormat   string `env:"RELAY_LOG_FORMAT" envDefault:"json"`
+	// PprofAddr, when set, serves net/http/pprof there (keep it on
+	// localhost): profiles of a running relay.
+	PprofAddr string `env:"RELAY_PPROF_ADDR"`
+	LogLevel  string `env:"RELAY_LOG_LEVEL" envDefault:"info"`
+	LogFormat string `env:"RELAY_LOG_FORMAT" envDefault:"json"`
 
 	// PublishWindow caps messages published but not yet confirmed.
 	PublishWindow int `env:"RELAY_PUBLISH_WINDOW" envDefault:"1000"`

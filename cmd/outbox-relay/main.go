@@ -11,6 +11,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net/http"
+	_ "net/http/pprof" // served only on RELAY_PPROF_ADDR
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -154,6 +156,14 @@ func cmdRun(args []string, stderr io.Writer) int {
 		Str("exchange", cfg.Exchange).Msg("starting outbox-relay")
 
 	m := metrics.New()
+	if cfg.PprofAddr != "" {
+		go func() {
+			srv := &http.Server{Addr: cfg.PprofAddr, Handler: http.DefaultServeMux, ReadHeaderTimeout: 5 * time.Second}
+			if err := srv.ListenAndServe(); err != nil {
+				log.Error().Err(err).Str("addr", cfg.PprofAddr).Msg("pprof server (RELAY_PPROF_ADDR) failed")
+			}
+		}()
+	}
 	if cfg.MetricsAddr != "" {
 		mctx, mstop := context.WithCancel(context.Background())
 		defer mstop()
