@@ -55,6 +55,9 @@ type Config struct {
 	PublishWindow int `env:"RELAY_PUBLISH_WINDOW" envDefault:"1000"`
 	// MarkBatchSize caps the ids one UPDATE marks published.
 	MarkBatchSize int `env:"RELAY_MARK_BATCH_SIZE" envDefault:"500"`
+	// MarkDelay is how long the marker waits to fill a batch: fewer
+	// UPDATEs and commit flushes at the cost of a later acknowledgement.
+	MarkDelay time.Duration `env:"RELAY_MARK_DELAY" envDefault:"20ms"`
 	// StatusInterval is how often the acknowledged LSN is sent to PostgreSQL.
 	StatusInterval time.Duration `env:"RELAY_STATUS_INTERVAL" envDefault:"1s"`
 	// BackoffMin and BackoffMax bound the reconnect and retry backoff.
@@ -240,6 +243,9 @@ func (c *Config) Validate() error {
 		if d.v <= 0 {
 			errs = append(errs, fmt.Errorf("%s must be a positive duration, got %s", d.name, d.v))
 		}
+	}
+	if c.MarkDelay < 0 {
+		errs = append(errs, fmt.Errorf("RELAY_MARK_DELAY must not be negative, got %s", c.MarkDelay))
 	}
 	if c.HeartbeatInterval < 0 {
 		errs = append(errs, fmt.Errorf("RELAY_HEARTBEAT_INTERVAL must not be negative, got %s", c.HeartbeatInterval))

@@ -13,6 +13,7 @@ import (
 func (s *session) mark(ctx context.Context) error {
 	defer close(s.drained)
 	max := s.r.cfg.MarkBatchSize
+	linger := s.r.cfg.MarkDelay
 	batch := make([]*item, 0, max)
 	for {
 		it, ok, err := recv(ctx, s.confirmed)
@@ -20,6 +21,16 @@ func (s *session) mark(ctx context.Context) error {
 			return err
 		}
 		batch = append(batch[:0], it)
+		// Wait up to RELAY_MARK_DELAY for more: one UPDATE (and one commit
+		// flush) for many events. It delays the acknowledgement, never the
+		// delivery, and it takes the database's fsyncs away from the
+		// producers' commits.
+		var timeout <-chan time.Time
+		var timer *time.Timer
+		if linger > 0 {
+			timer = time.NewTimer(linger)
+			timeout = timer.C
+		}
 	gather:
 		for len(batch) < max {
 			select {
@@ -28,9 +39,27 @@ func (s *session) mark(ctx context.Context) error {
 					break gather
 				}
 				batch = append(batch, it)
+				continue
 			default:
-				break gather
 			}
+			if timeout == nil {
+				break
+			}
+			select {
+			case it, ok := <-s.confirmed:
+				if !ok {
+					break gather
+				}
+				batch = append(batch, it)
+			case <-timeout:
+				break gather
+			case <-ctx.Done():
+				timer.Stop()
+				return ctx.Err()
+			}
+		}
+		if timer != nil {
+			timer.Stop()
 		}
 		if err := s.markBatch(ctx, batch); err != nil {
 			s.unmarked = batch // carried over once the session has stopped

@@ -169,19 +169,19 @@ func (s *session) await(ctx context.Context, it *item) error {
 				return s.deadLetter(ctx, it, "unroutable: "+res.Reason)
 			case "drop":
 				s.log.Warn().Str("id", it.msg.ID).Str("routing_key", it.msg.Key).
-					Msg("no queue is bound for this event; dropped (RELAY_UNROUTABLE=drop)")
-				s.r.m.Retries.WithLabelValues("rabbitmq", "unroutable_dropped").Inc()
+					Msg("the broker could not route this event (no queue or stream for it); dropped (RELAY_UNROUTABLE=drop)")
+				s.r.m.Retries.WithLabelValues(s.r.broker(), "unroutable_dropped").Inc()
 				it.dead = "dropped: unroutable"
 				return nil
 			}
 			if attempt == 0 {
 				s.log.Warn().Str("id", it.msg.ID).Str("routing_key", it.msg.Key).
-					Msg("no queue is bound for this event; retrying until one is (RELAY_UNROUTABLE=retry)")
+					Msg("the broker could not route this event (no queue or stream for it); retrying until it can (RELAY_UNROUTABLE=retry)")
 			}
-			s.r.m.Retries.WithLabelValues("rabbitmq", "unroutable").Inc()
+			s.r.m.Retries.WithLabelValues(s.r.broker(), "unroutable").Inc()
 		case sink.Nacked:
 			nacks++
-			s.r.m.Retries.WithLabelValues("rabbitmq", "nack").Inc()
+			s.r.m.Retries.WithLabelValues(s.r.broker(), "nack").Inc()
 			if nacks >= maxNacks {
 				return s.deadLetter(ctx, it, fmt.Sprintf("nacked %d times: %s", nacks, res.Reason))
 			}
@@ -209,7 +209,7 @@ func (s *session) deadLetter(ctx context.Context, it *item, reason string) error
 		class = reason[:i]
 	}
 	s.r.m.DeadLettered.WithLabelValues(class).Inc()
-	s.log.Error().Str("id", it.msg.ID).Str("reason", reason).Str("exchange", s.r.cfg.DeadLetterExchange).
+	s.log.Error().Str("id", it.msg.ID).Str("reason", reason).
 		Msg("event dead-lettered; its row is marked and the stream moves on")
 	return nil
 }

@@ -117,7 +117,7 @@ func (r *Relay) Run(ctx context.Context) error {
 		if errors.Is(err, ErrMisconfigured) && !r.streamed {
 			return err
 		}
-		dep := dependency(err)
+		dep := r.dependency(err)
 		r.m.Reconnects.WithLabelValues(dep).Inc()
 		wait := bo.next()
 		r.m.SetReady(false, "reconnecting: "+dep+": "+err.Error())
@@ -132,12 +132,12 @@ func (r *Relay) Run(ctx context.Context) error {
 }
 
 // dependency names which side failed, for logs and metrics.
-func dependency(err error) string {
+func (r *Relay) dependency(err error) string {
 	var amqpErr *amqp.Error
 	var pgErr *pgconn.PgError
 	switch {
 	case errors.As(err, &amqpErr), errors.Is(err, sink.ErrClosed), errors.Is(err, errBroker):
-		return "rabbitmq"
+		return r.broker()
 	case errors.As(err, &pgErr), errors.Is(err, errDatabase):
 		return "postgres"
 	}
@@ -183,3 +183,11 @@ func (b *backoff) next() time.Duration {
 }
 
 func (b *backoff) reset() { b.cur = 0 }
+
+// broker names the sink in logs and metric labels: rabbitmq or nats.
+func (r *Relay) broker() string {
+	if r.cfg.Sink == "" {
+		return config.SinkRabbitMQ
+	}
+	return r.cfg.Sink
+}
