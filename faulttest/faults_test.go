@@ -5,6 +5,8 @@ package faulttest
 import (
 	"context"
 	"math/rand/v2"
+	"net"
+	"net/http"
 	"os/exec"
 	"strings"
 	"syscall"
@@ -39,9 +41,13 @@ func TestSIGKILLUnderLoad(t *testing.T) {
 // publish meanwhile, reconnects and delivers everything.
 func TestRabbitMQStopStart(t *testing.T) {
 	w := newWorld(t)
-	p := w.startRelay()
+	addr := freeAddr(t)
+	p := w.startRelay("RELAY_METRICS_ADDR=" + addr)
 	prod := w.produce(5 * time.Millisecond)
 	w.waitFor(20*time.Second, "events to flow", func() bool { return w.received() > 50 })
+	if code := readyz(addr); code != http.StatusOK {
+		t.Fatalf("/readyz = %d while streaming", code)
+	}
 
 	rabbitctl(t, "stop_app")
 	stopped := true
@@ -53,7 +59,8 @@ func TestRabbitMQStopStart(t *testing.T) {
 	time.Sleep(time.Second) // let the relay notice
 	var during string
 	must(t, w.pool.QueryRow(context.Background(), `SELECT pg_current_wal_lsn()::text`).Scan(&during))
-	time.Sleep(3 * time.Second)
+	w.waitFor(10*time.Second, "/readyz to report the outage", func() bool { return readyz(addr) == http.StatusServiceUnavailable })
+	time.Sleep(2 * time.Second)
 	if !p.alive() {
 		t.Fatal("relay exited while RabbitMQ was down")
 	}
@@ -62,7 +69,7 @@ func TestRabbitMQStopStart(t *testing.T) {
 	}
 	rabbitctl(t, "start_app")
 	stopped = false
-	time.Sleep(2 * time.Second)
+	w.waitFor(30*time.Second, "/readyz to recover", func() bool { return readyz(addr) == http.StatusOK })
 	prod.halt()
 	events, lost, dups := w.verify(90 * time.Second)
 	t.Logf("RabbitMQ stop_app/start_app: %d events, %d lost, %d duplicated", events, lost, dups)
@@ -313,4 +320,22 @@ func TestSecondSignalExitsAtOnce(t *testing.T) {
 	w.startRelay()
 	events, lost, dups := w.verify(60 * time.Second)
 	t.Logf("after an abandoned drain: %d events, %d lost, %d duplicated", events, lost, dups)
+}
+
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	must(t, err)
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+func readyz(addr string) int {
+	c := http.Client{Timeout: time.Second}
+	resp, err := c.Get("http://" + addr + "/readyz")
+	if err != nil {
+		return 0
+	}
+	resp.Body.Close()
+	return resp.StatusCode
 }

@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"sync"
@@ -17,6 +18,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/migrations"
+	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/replication"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
@@ -140,6 +142,12 @@ type running struct {
 // start runs a relay in-process. wrap, if given, wraps its publisher.
 func (e *env) start(wrap func(sink.Publisher) sink.Publisher) *running {
 	e.t.Helper()
+	return e.startWith(nil, wrap)
+}
+
+// startWith is start with a look at the Relay before it runs.
+func (e *env) startWith(inspect func(*Relay), wrap func(sink.Publisher) sink.Publisher) *running {
+	e.t.Helper()
 	replCfg, err := replication.Config(e.dbURL, "outbox-relay-test")
 	must(e.t, err)
 	m := metrics.New()
@@ -158,6 +166,9 @@ func (e *env) start(wrap func(sink.Publisher) sink.Publisher) *running {
 		},
 	})
 	must(e.t, err)
+	if inspect != nil {
+		inspect(r)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	rr := &running{cancel: cancel, done: make(chan error, 1), metrics: m}
 	go func() { rr.done <- r.Run(ctx) }()
@@ -208,17 +219,22 @@ func newEvent(aggType, evType, payload string) event {
 	}
 }
 
-// insertTx inserts events in one transaction and commits (or rolls back).
+// insertTx inserts events in one transaction with the producer package,
+// two at a time with extra (writes elsewhere) in between, and commits or
+// rolls back.
 func (e *env) insertTx(events []event, commit bool, extra func(pgx.Tx) error) {
 	e.t.Helper()
 	ctx := context.Background()
 	tx, err := e.pool.Begin(ctx)
 	must(e.t, err)
-	for i, ev := range events {
-		_, err := tx.Exec(ctx, `INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
-			VALUES ($1, $2, $3, $4, $5)`, ev.ID, ev.AggregateType, ev.AggregateID, ev.EventType, ev.Payload)
-		must(e.t, err)
-		if extra != nil && i%2 == 0 {
+	for i := 0; i < len(events); i += 2 {
+		var batch []outbox.Event
+		for _, ev := range events[i:min(i+2, len(events))] {
+			batch = append(batch, outbox.Event{ID: ev.ID, AggregateType: ev.AggregateType, AggregateID: ev.AggregateID,
+				EventType: ev.EventType, Payload: json.RawMessage(ev.Payload)})
+		}
+		must(e.t, outbox.Insert(ctx, tx, batch...))
+		if extra != nil {
 			must(e.t, extra(tx))
 		}
 	}

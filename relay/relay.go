@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -48,6 +49,8 @@ type Relay struct {
 	// publishing them again: a broker or database hiccup causes no
 	// duplicates, only a crash of the relay itself does.
 	confirmed map[string]struct{}
+	// heartbeatLSN is the position of the last heartbeat written.
+	heartbeatLSN atomic.Uint64
 }
 
 // New validates the wiring and returns a Relay.

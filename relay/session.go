@@ -400,8 +400,12 @@ func (s *session) heartbeat(soft, ctx context.Context) error {
 		case <-t.C:
 		}
 		qctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
-		_, err := s.r.opt.Pool.Exec(qctx, `SELECT pg_logical_emit_message(true, 'outbox-relay-heartbeat', '')`)
+		var lsn pglogrepl.LSN
+		err := s.r.opt.Pool.QueryRow(qctx, `SELECT pg_logical_emit_message(true, 'outbox-relay-heartbeat', '')::text`).Scan(&lsn)
 		cancel()
+		if err == nil {
+			s.r.heartbeatLSN.Store(uint64(lsn))
+		}
 		if err != nil && ctx.Err() == nil {
 			s.r.m.Retries.WithLabelValues("postgres", "heartbeat").Inc()
 			s.log.Warn().Err(err).Msg("heartbeat (RELAY_HEARTBEAT_INTERVAL) failed")

@@ -12,7 +12,6 @@ package main
 
 import (
 	"context"
-	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -27,6 +26,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/outbox"
 	amqp "github.com/rabbitmq/amqp091-go"
 )
 
@@ -123,7 +124,8 @@ func produce(ctx context.Context, args []string, out io.Writer) error {
 	if dbURL == "" {
 		return errors.New("RELAY_DATABASE_URL is required")
 	}
-	table, err := tableIdent(getenv("RELAY_TABLE", "public.outbox_events"))
+	// The producer package writes events inside the caller's transaction.
+	writer, err := outbox.New(getenv("RELAY_TABLE", outbox.DefaultTable))
 	if err != nil {
 		return err
 	}
@@ -139,8 +141,6 @@ func produce(ctx context.Context, args []string, out io.Writer) error {
 	}
 	defer conn.Close(context.Background())
 
-	insert := `INSERT INTO ` + table + ` (id, aggregate_type, aggregate_id, event_type, payload, occurred_at)
-		VALUES ($1, $2, $3, $4, $5, clock_timestamp())`
 	interval := time.Duration(float64(time.Second) / *rate)
 	total, txs := 0, 0
 	next := time.Now()
@@ -162,12 +162,12 @@ func produce(ctx context.Context, args []string, out io.Writer) error {
 			break
 		}
 		err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
-			for _, e := range evs {
-				if _, err := tx.Exec(ctx, insert, e.id, e.aggregateType, e.aggregateID, e.eventType, e.payload); err != nil {
-					return err
-				}
+			batch := make([]outbox.Event, len(evs))
+			for i, e := range evs {
+				batch[i] = outbox.Event{ID: e.id, AggregateType: e.aggregateType, AggregateID: e.aggregateID,
+					EventType: e.eventType, Payload: e.payload, OccurredAt: time.Now()}
 			}
-			return nil
+			return writer.Insert(ctx, tx, batch...)
 		})
 		if err != nil {
 			if ctx.Err() != nil {
@@ -191,7 +191,7 @@ func produce(ctx context.Context, args []string, out io.Writer) error {
 
 func makeEvents(n int) []event {
 	aggType := aggregateTypes[mrand.IntN(len(aggregateTypes))]
-	aggID := newUUID()
+	aggID := outbox.NewID()
 	evs := make([]event, n)
 	for i := range evs {
 		// A multi-event transaction creates its aggregate, then changes it.
@@ -208,34 +208,9 @@ func makeEvents(n int) []event {
 			"currency": "EUR",
 			"seq":      i + 1,
 		})
-		evs[i] = event{id: newUUID(), aggregateType: aggType, aggregateID: aggID, eventType: evType, payload: payload}
+		evs[i] = event{id: outbox.NewID(), aggregateType: aggType, aggregateID: aggID, eventType: evType, payload: payload}
 	}
 	return evs
-}
-
-// newUUID returns a random (version 4) UUID.
-func newUUID() string {
-	var b [16]byte
-	if _, err := rand.Read(b[:]); err != nil {
-		panic(err) // crypto/rand does not fail on supported platforms
-	}
-	b[6] = b[6]&0x0f | 0x40
-	b[8] = b[8]&0x3f | 0x80
-	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
-}
-
-// tableIdent quotes "schema.table" or "table".
-func tableIdent(s string) (string, error) {
-	parts := strings.Split(s, ".")
-	for _, p := range parts {
-		if p == "" {
-			return "", fmt.Errorf("RELAY_TABLE %q is not a table name of the form schema.table", s)
-		}
-	}
-	if len(parts) > 2 {
-		return "", fmt.Errorf("RELAY_TABLE %q is not a table name of the form schema.table", s)
-	}
-	return pgx.Identifier(parts).Sanitize(), nil
 }
 
 func sleepUntil(ctx context.Context, t time.Time) bool {
