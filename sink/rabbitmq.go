@@ -236,13 +236,7 @@ func (p *rabbitPending) Wait(ctx context.Context) (Result, error) {
 	for {
 		select {
 		case ret, ok := <-r.returns:
-			if !ok {
-				// amqp091 closes notify channels on shutdown; a nil channel
-				// keeps this select from spinning on it.
-				r.returns = nil
-				continue
-			}
-			r.returned[ret.MessageId] = fmt.Sprintf("%d %s", ret.ReplyCode, ret.ReplyText)
+			r.record(ret, ok)
 		case <-p.dc.Done():
 			// A return precedes its ack on the wire and amqp091 hands it to
 			// the buffered returns channel before it processes the ack, so
@@ -266,18 +260,25 @@ func (p *rabbitPending) Wait(ctx context.Context) (Result, error) {
 }
 
 func (r *RabbitMQ) drainReturns() {
-	for {
+	for r.returns != nil {
 		select {
 		case ret, ok := <-r.returns:
-			if !ok {
-				r.returns = nil
-				return
-			}
-			r.returned[ret.MessageId] = fmt.Sprintf("%d %s", ret.ReplyCode, ret.ReplyText)
+			r.record(ret, ok)
 		default:
 			return
 		}
 	}
+}
+
+// record remembers a returned message until its confirmation is waited for.
+func (r *RabbitMQ) record(ret amqp.Return, ok bool) {
+	if !ok {
+		// amqp091 closes notify channels on shutdown; a nil channel keeps
+		// the selects from spinning on it.
+		r.returns = nil
+		return
+	}
+	r.returned[ret.MessageId] = fmt.Sprintf("%d %s", ret.ReplyCode, ret.ReplyText)
 }
 
 // DeadLetter implements Publisher. Call it only from the goroutine that calls
