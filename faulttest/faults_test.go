@@ -339,3 +339,48 @@ func readyz(addr string) int {
 	resp.Body.Close()
 	return resp.StatusCode
 }
+
+// TestRabbitMQFullRestart stops the whole broker node and starts it again
+// (rabbitmqctl stop, rabbitmq-server -detached) under load.
+func TestRabbitMQFullRestart(t *testing.T) {
+	w := newWorld(t)
+	p := w.startRelay()
+	prod := w.produce(5 * time.Millisecond)
+	w.waitFor(20*time.Second, "events to flow", func() bool { return w.received() > 50 })
+	rabbitctl(t, "stop")
+	running := false
+	defer func() {
+		if !running {
+			startRabbit(t)
+		}
+	}()
+	time.Sleep(2 * time.Second)
+	if !p.alive() {
+		t.Fatal("relay exited while RabbitMQ was down")
+	}
+	startRabbit(t)
+	running = true
+	time.Sleep(2 * time.Second)
+	prod.halt()
+	events, lost, dups := w.verify(120 * time.Second)
+	t.Logf("RabbitMQ full restart: %d events, %d lost, %d duplicated", events, lost, dups)
+}
+
+// startRabbit starts the broker node as this kind of machine does.
+func startRabbit(t *testing.T) {
+	t.Helper()
+	out, err := exec.Command("rabbitmq-server", "-detached").CombinedOutput()
+	if err != nil {
+		t.Fatalf("rabbitmq-server -detached: %v\n%s", err, out)
+	}
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		if err := exec.Command("rabbitmqctl", "await_startup").Run(); err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("RabbitMQ did not start again within 90 s")
+		}
+		time.Sleep(time.Second)
+	}
+}
