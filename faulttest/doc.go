@@ -8,5 +8,8 @@
 //
 // The tests stop and restart shared services, so they carry the build tag
 // "faults" and `make test` runs them on their own, after the other
-// packages, with -p 1.
+// packages, with -p 1. TestLostSlot lowers max_slot_wal_keep_size for a few
+// seconds: an inactive slot of anyone else on the same server that lags
+// far enough behind is invalidated too (a relay recovers from that by
+// sweeping its table, which is what the test shows).
 package faulttest
