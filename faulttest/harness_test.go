@@ -91,7 +91,6 @@ func newWorld(t *testing.T) *world {
 		"RELAY_BACKOFF_MIN=100ms",
 		"RELAY_BACKOFF_MAX=2s",
 	}
-	w.consume()
 	t.Cleanup(func() {
 		if c, err := amqp.Dial(w.amqpURL); err == nil {
 			if ch, err := c.Channel(); err == nil {
@@ -103,6 +102,9 @@ func newWorld(t *testing.T) *world {
 			c.Close()
 		}
 	})
+	// Registered after the deletion, so it stops first: a running consumer
+	// would declare its durable queue again.
+	w.consume()
 	return w
 }
 
