@@ -21,19 +21,27 @@ import (
 // was in flight at each kill.
 func TestSIGKILLUnderLoad(t *testing.T) {
 	w := newWorld(t)
+	events, lost, dups := w.killRepeatedly(6)
+	t.Logf("SIGKILL x6 under load: %d events, %d lost, %d duplicated", events, lost, dups)
+}
+
+// killRepeatedly kills the relay at random moments while a producer
+// writes, then lets a last relay deliver everything and stop cleanly.
+func (w *world) killRepeatedly(rounds int) (events, lost, dups int) {
+	t := w.t
 	prod := w.produce(2 * time.Millisecond)
-	for round := 0; round < 6; round++ {
+	for round := 0; round < rounds; round++ {
 		p := w.startRelay()
 		time.Sleep(time.Duration(700+rand.IntN(1500)) * time.Millisecond)
 		p.kill(t)
 	}
 	prod.halt()
 	p := w.startRelay()
-	events, lost, dups := w.verify(90 * time.Second)
-	t.Logf("SIGKILL x6 under load: %d events, %d lost, %d duplicated", events, lost, dups)
+	events, lost, dups = w.verify(90 * time.Second)
 	if code := p.term(t, 30*time.Second); code != 0 {
 		t.Fatalf("relay exited %d after SIGTERM", code)
 	}
+	return events, lost, dups
 }
 
 // TestRabbitMQStopStart stops the broker's application for a few seconds

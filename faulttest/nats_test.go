@@ -5,7 +5,6 @@ package faulttest
 import (
 	"context"
 	"errors"
-	"math/rand/v2"
 	"testing"
 	"time"
 
@@ -73,20 +72,9 @@ func (w *world) useNATS() {
 func TestSIGKILLUnderLoadNATS(t *testing.T) {
 	w := newWorld(t)
 	w.useNATS()
-	prod := w.produce(2 * time.Millisecond)
-	for round := 0; round < 6; round++ {
-		p := w.startRelay()
-		time.Sleep(time.Duration(700+rand.IntN(1500)) * time.Millisecond)
-		p.kill(t)
-	}
-	prod.halt()
-	p := w.startRelay()
-	events, lost, dups := w.verify(90 * time.Second)
+	events, lost, dups := w.killRepeatedly(6)
 	t.Logf("NATS, SIGKILL x6 under load: %d events, %d lost, %d duplicated in the stream", events, lost, dups)
 	if dups != 0 {
 		t.Fatalf("%d duplicates in the stream: JetStream deduplication by Nats-Msg-Id failed", dups)
-	}
-	if code := p.term(t, 30*time.Second); code != 0 {
-		t.Fatalf("relay exited %d after SIGTERM", code)
 	}
 }
