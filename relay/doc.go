@@ -31,8 +31,11 @@
 // starts from the slot's confirmed position and republishes whatever was not
 // acknowledged. Few duplicates (4): on replay, rows already marked are
 // skipped (checked in batches until the first unmarked row, since marks
-// follow stream order); only events confirmed but not yet marked when the
-// relay died are published twice, and message_id lets consumers drop them.
+// follow stream order), and ids confirmed but not marked when a session
+// failed are carried to the next one and only marked. Published twice:
+// events confirmed but unmarked when the process died, and events not yet
+// confirmed when the broker connection failed; message_id lets consumers
+// drop them.
 // The table is the backstop (7): when the relay creates its slot (first
 // start, or after the slot was lost) it publishes the unpublished rows
 // visible in the slot's exported snapshot before streaming.
