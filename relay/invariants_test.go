@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -262,15 +263,14 @@ func TestInterruptedSweepIsRedone(t *testing.T) {
 	_, err := e.pool.Exec(ctx, `INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
 		SELECT gen_random_uuid(), 'legacy', gen_random_uuid(), 'imported', '{}' FROM generate_series(1, $1)`, n)
 	must(t, err)
-	var g *gated
-	r := e.start(func(p sink.Publisher) sink.Publisher { g = newGated(p); return g })
+	// Confirms are held back: nothing of the sweep finishes.
+	r := e.start(func(p sink.Publisher) sink.Publisher { return newGated(p) })
 	waitFor(t, 10*time.Second, "the sweep to start", func() bool { return e.receivedCount() > 0 })
 	// Abandon the drain at once: nothing is confirmed.
 	e.cfg.ShutdownTimeout = time.Millisecond
 	r.cancel()
 	<-r.done
 	r.done <- nil
-	_ = g
 	e.cfg.ShutdownTimeout = 20 * time.Second
 	var pending bool
 	must(t, e.pool.QueryRow(ctx, `SELECT sweep_pending FROM outbox_relay_slot_state WHERE slot_name = $1`, e.cfg.Slot).Scan(&pending))
@@ -280,10 +280,16 @@ func TestInterruptedSweepIsRedone(t *testing.T) {
 	r = e.start(nil)
 	waitFor(t, 60*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
 	r.stop(t)
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if len(e.ids) != n {
-		t.Fatalf("%d distinct events received, want %d", len(e.ids), n)
+	// A confirm means the broker has the message, not that the consumer
+	// has it yet: wait for delivery, then count.
+	distinct := func() int {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		return len(e.ids)
+	}
+	waitFor(t, 30*time.Second, fmt.Sprintf("all %d events at the consumer", n), func() bool { return distinct() >= n })
+	if got := distinct(); got != n {
+		t.Fatalf("%d distinct events received, want %d", got, n)
 	}
 }
 
