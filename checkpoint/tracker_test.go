@@ -140,3 +140,16 @@ func TestRandomCompletionOrder(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkTransaction is the tracker's work for one single-event
+// transaction on the hot path.
+func BenchmarkTransaction(b *testing.B) {
+	tr := New(0)
+	b.ReportAllocs()
+	for i := 0; i < b.N; i++ {
+		tx := tr.Begin()
+		tr.Add(tx)
+		tr.Close(tx, pglogrepl.LSN(i+1))
+		tr.Finish(tx, 1)
+	}
+}

@@ -122,3 +122,14 @@ func TestSecretFiles(t *testing.T) {
 		t.Fatal("both the variable and its _FILE were accepted")
 	}
 }
+
+func BenchmarkRoutingKey(b *testing.B) {
+	k, err := ParseRoutingKey("{aggregate_type}.{event_type}")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for i := 0; i < b.N; i++ {
+		_ = k.Render("order", "created", "5f0c7c1e-0000-4000-8000-000000000001")
+	}
+}

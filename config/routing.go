@@ -60,18 +60,26 @@ func (k RoutingKey) Render(aggregateType, eventType, aggregateID string) string 
 	if len(k.parts) == 1 && k.parts[0].field == 0 {
 		return k.parts[0].literal
 	}
-	var b strings.Builder
+	n := 0
 	for _, p := range k.parts {
-		switch p.field {
-		case fieldAggregateType:
-			b.WriteString(aggregateType)
-		case fieldEventType:
-			b.WriteString(eventType)
-		case fieldAggregateID:
-			b.WriteString(aggregateID)
-		default:
-			b.WriteString(p.literal)
-		}
+		n += len(p.value(aggregateType, eventType, aggregateID))
+	}
+	var b strings.Builder
+	b.Grow(n) // one allocation per key
+	for _, p := range k.parts {
+		b.WriteString(p.value(aggregateType, eventType, aggregateID))
 	}
 	return b.String()
+}
+
+func (p keyPart) value(aggregateType, eventType, aggregateID string) string {
+	switch p.field {
+	case fieldAggregateType:
+		return aggregateType
+	case fieldEventType:
+		return eventType
+	case fieldAggregateID:
+		return aggregateID
+	}
+	return p.literal
 }
