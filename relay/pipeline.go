@@ -86,10 +86,12 @@ func (s *session) publishOne(ctx context.Context, it *item) error {
 		it.skip = true // inserted already published: nothing to do
 		return nil
 	}
-	if _, ok := s.r.confirmed[ev.ID]; ok {
-		delete(s.r.confirmed, ev.ID)
-		it.carried = true // the broker has it already; only the mark is missing
-		return nil
+	if len(s.r.confirmed) > 0 { // filled only by a failed session; no hashing per event otherwise
+		if _, ok := s.r.confirmed[ev.ID]; ok {
+			delete(s.r.confirmed, ev.ID)
+			it.carried = true // the broker has it already; only the mark is missing
+			return nil
+		}
 	}
 	it.msg = sink.Message{
 		ID:            ev.ID,
