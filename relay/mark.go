@@ -72,7 +72,7 @@ func (s *session) markBatch(ctx context.Context, batch []*item) error {
 	ids := make([]string, 0, len(batch))
 	waiting := make(map[string]*item, len(batch))
 	for _, it := range batch {
-		if it.skip || it.noMark {
+		if it.skip {
 			continue
 		}
 		ids = append(ids, it.ev.ID)
@@ -131,7 +131,7 @@ func (s *session) markBatch(ctx context.Context, batch []*item) error {
 	for _, it := range batch {
 		if it.skip {
 			m.EventsSkipped.Inc()
-		} else if it.dead == "" && !it.noMark {
+		} else if it.dead == "" {
 			m.EventsPublished.Inc()
 			if !it.ev.OccurredAt.IsZero() {
 				m.DeliverySeconds.Observe(it.sentAt.Sub(it.ev.OccurredAt).Seconds() + now.Sub(it.sentAt).Seconds())

@@ -19,18 +19,16 @@ import (
 
 // item is one event on its way through the pipeline.
 type item struct {
-	tx        *checkpoint.Tx
-	xid       uint32        // 0 for swept rows
-	commitLSN pglogrepl.LSN // 0 for swept rows
-	sweep     bool
-	ev        decoder.Event
-	msg       sink.Message
-	pending   sink.Pending
-	sentAt    time.Time
-	dead      string // dead-letter with this reason instead of publishing
-	skip      bool   // already published: neither publish nor mark
-	carried   bool   // confirmed in an earlier session: mark, do not publish
-	noMark    bool   // handled without a row to mark (dropped by policy)
+	tx      *checkpoint.Tx
+	xid     uint32 // 0 for swept rows
+	sweep   bool
+	ev      decoder.Event
+	msg     sink.Message
+	pending sink.Pending
+	sentAt  time.Time
+	dead    string // dead-letter with this reason instead of publishing
+	skip    bool   // already published: neither publish nor mark
+	carried bool   // confirmed in an earlier session: mark, do not publish
 }
 
 // session is one connected run of the pipeline.
@@ -46,12 +44,11 @@ type session struct {
 	confirmed chan *item
 	drained   chan struct{}
 
-	filtering  bool     // replayed rows may already be marked; see filterPublished
-	retry      *backoff // shared by the confirmer's republishes
-	unmarked   []*item  // the marker's batch when a mark failed
-	serverEnd  pglogrepl.LSN
-	lastStatus time.Time
-	lastHeard  time.Time // last message from the server
+	filtering bool     // replayed rows may already be marked; see filterPublished
+	retry     *backoff // shared by the confirmer's republishes
+	unmarked  []*item  // the marker's batch when a mark failed
+	serverEnd pglogrepl.LSN
+	lastHeard time.Time // last message from the server
 }
 
 func (r *Relay) session(ctx context.Context) error {
@@ -223,7 +220,7 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 		return errStopping
 	}
 	if err := s.conn.Start(ctx, s.r.cfg.Slot, s.r.cfg.Publication, 0); err != nil {
-		if replicationInUse(err) {
+		if replication.SlotInUse(err) {
 			return errStandby
 		}
 		return classifyPg(err)
@@ -237,7 +234,6 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 	interval := s.r.cfg.StatusInterval
 	var tx *checkpoint.Tx
 	var xid uint32
-	var commitLSN pglogrepl.LSN
 	nextStatus := time.Now().Add(interval)
 	s.lastHeard = time.Now()
 	for {
@@ -264,7 +260,7 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 			continue
 		}
 		if err != nil {
-			if replicationInUse(err) {
+			if replication.SlotInUse(err) {
 				return errStandby
 			}
 			return classifyPg(err)
@@ -291,13 +287,13 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 		}
 		switch m.Kind {
 		case decoder.KindBegin:
-			tx, xid, commitLSN = s.tracker.Begin(), m.Begin.Xid, m.Begin.FinalLSN
+			tx, xid = s.tracker.Begin(), m.Begin.Xid
 		case decoder.KindEvent:
 			if tx == nil {
 				return fmt.Errorf("decode pgoutput message at %s: insert outside a transaction", msg.WALStart)
 			}
 			s.tracker.Add(tx)
-			it := &item{tx: tx, xid: xid, commitLSN: commitLSN, ev: m.Event}
+			it := &item{tx: tx, xid: xid, ev: m.Event}
 			if err := s.send(ctx, it, &nextStatus); err != nil {
 				return err
 			}
@@ -378,12 +374,7 @@ func (s *session) sendStatus(reply bool) error {
 	} else {
 		m.ReplicationLag.Set(0)
 	}
-	s.lastStatus = time.Now()
 	return nil
-}
-
-func replicationInUse(err error) bool {
-	return replication.SlotInUse(err)
 }
 
 // heartbeat writes a transactional logical message now and then, so that a
@@ -415,7 +406,7 @@ func (s *session) heartbeat(soft, ctx context.Context) error {
 
 // carry remembers a confirmed, unmarked event for the next session.
 func (s *session) carry(it *item) {
-	if it.skip || it.noMark || it.ev.ID == "" {
+	if it.skip || it.ev.ID == "" {
 		return
 	}
 	if len(s.r.confirmed) < 4*s.r.cfg.PublishWindow+4*s.r.cfg.MarkBatchSize {
