@@ -31,23 +31,66 @@ func forward(ctx context.Context, out chan<- *item, it *item) error {
 // publish turns items into messages and publishes them without waiting.
 // The pending channel holds at most RELAY_PUBLISH_WINDOW unconfirmed
 // messages, which is what bounds the broker's side of memory.
+//
+// With a backlog, the publishes of all items already waiting go out in one
+// write (sink.Batcher); the write is flushed whenever the publisher would
+// wait, for items or for room in the window, so a lone event is sent at once.
 func (s *session) publish(ctx context.Context) error {
 	defer close(s.pending)
+	batcher, _ := s.pub.(sink.Batcher)
+	held := false
+	flush := func() error {
+		if !held {
+			return nil
+		}
+		held = false
+		if err := batcher.Flush(); err != nil {
+			return fmt.Errorf("%w: %w", errBroker, err)
+		}
+		return nil
+	}
 	batch := make([]*item, 0, s.r.cfg.MarkBatchSize)
 	for {
-		it, ok, err := recv(ctx, s.items)
-		if err != nil || !ok {
-			return err
+		var it *item
+		var ok bool
+		select {
+		case it, ok = <-s.items:
+		default:
+			if err := flush(); err != nil {
+				return err
+			}
+			var err error
+			if it, ok, err = recv(ctx, s.items); err != nil {
+				return err
+			}
+		}
+		if !ok {
+			return flush()
 		}
 		batch = append(batch[:0], it)
 		if s.filtering && !it.sweep {
 			batch = s.gatherReplay(batch)
+			if err := flush(); err != nil {
+				return err
+			}
 			if err := s.filterPublished(ctx, batch); err != nil {
 				return err
 			}
 		}
 		for _, it := range batch {
+			if batcher != nil && !held {
+				batcher.Hold()
+				held = true
+			}
 			if err := s.publishOne(ctx, it); err != nil {
+				return err
+			}
+			select {
+			case s.pending <- it:
+				continue
+			default:
+			}
+			if err := flush(); err != nil {
 				return err
 			}
 			if err := forward(ctx, s.pending, it); err != nil {

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net"
 	"sync"
 	"time"
 
@@ -27,6 +28,7 @@ type RabbitMQConfig struct {
 type RabbitMQ struct {
 	cfg     RabbitMQConfig
 	conn    *amqp.Connection
+	wire    *coalescingConn
 	ch      *amqp.Channel
 	returns chan amqp.Return
 	closed  chan *amqp.Error // connection or channel closed
@@ -50,13 +52,14 @@ func DialRabbitMQ(ctx context.Context, cfg RabbitMQConfig) (*RabbitMQ, error) {
 	}
 	props := amqp.NewConnectionProperties()
 	props.SetClientConnectionName(cfg.ConnectionName)
-	conn, err := dial(ctx, cfg, props)
+	conn, wire, err := dial(ctx, cfg, props)
 	if err != nil {
 		return nil, err
 	}
 	r := &RabbitMQ{
 		cfg:      cfg,
 		conn:     conn,
+		wire:     wire,
 		returns:  make(chan amqp.Return, 1024),
 		closed:   make(chan *amqp.Error, 2),
 		returned: make(map[string]string),
@@ -68,36 +71,47 @@ func DialRabbitMQ(ctx context.Context, cfg RabbitMQConfig) (*RabbitMQ, error) {
 	return r, nil
 }
 
-func dial(ctx context.Context, cfg RabbitMQConfig, props amqp.Table) (*amqp.Connection, error) {
+func dial(ctx context.Context, cfg RabbitMQConfig, props amqp.Table) (*amqp.Connection, *coalescingConn, error) {
 	type result struct {
 		conn *amqp.Connection
+		wire *coalescingConn
 		err  error
 	}
 	done := make(chan result, 1)
 	go func() {
+		var wire *coalescingConn
+		tcp := amqp.DefaultDial(15 * time.Second)
 		c, err := amqp.DialConfig(cfg.URL, amqp.Config{
 			Heartbeat:       cfg.Heartbeat,
 			Locale:          "en_US",
 			Properties:      props,
 			TLSClientConfig: cfg.TLS,
-			Dial:            amqp.DefaultDial(15 * time.Second),
+			// Below TLS, if any: held writes become one TCP write.
+			Dial: func(network, addr string) (net.Conn, error) {
+				c, err := tcp(network, addr)
+				if err != nil {
+					return nil, err
+				}
+				wire = newCoalescingConn(c)
+				return wire, nil
+			},
 		})
-		done <- result{c, err}
+		done <- result{c, wire, err}
 	}()
 	select {
 	case res := <-done:
 		if res.err != nil {
 			// amqp091's errors do not include the URL, so no password leaks.
-			return nil, fmt.Errorf("connect to RabbitMQ: %w", res.err)
+			return nil, nil, fmt.Errorf("connect to RabbitMQ: %w", res.err)
 		}
-		return res.conn, nil
+		return res.conn, res.wire, nil
 	case <-ctx.Done():
 		go func() {
 			if res := <-done; res.conn != nil {
 				res.conn.Close()
 			}
 		}()
-		return nil, ctx.Err()
+		return nil, nil, ctx.Err()
 	}
 }
 
@@ -309,8 +323,24 @@ func (r *RabbitMQ) DeadLetter(ctx context.Context, m *Message, reason string) er
 	return nil
 }
 
+// Hold implements Batcher: publishes are buffered until Flush.
+func (r *RabbitMQ) Hold() { r.wire.Hold() }
+
+// Flush implements Batcher.
+func (r *RabbitMQ) Flush() error {
+	if err := r.wire.Flush(); err != nil {
+		if r.ch.IsClosed() || r.conn.IsClosed() {
+			return fmt.Errorf("write to RabbitMQ: %w", r.closedErr())
+		}
+		return fmt.Errorf("write to RabbitMQ: %w", err)
+	}
+	return nil
+}
+
 // Close implements Publisher.
 func (r *RabbitMQ) Close() error {
+	// The close handshake must not sit in a held buffer.
+	_ = r.wire.Flush()
 	if r.ch != nil {
 		_ = r.ch.Close()
 	}
