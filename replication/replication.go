@@ -31,7 +31,8 @@ func SlotInUse(err error) bool { return HasCode(err, CodeObjectInUse) }
 
 // Conn is a replication connection.
 type Conn struct {
-	pg *pgconn.PgConn
+	pg       *pgconn.PgConn
+	deadline time.Time // the read deadline last set by Receive
 }
 
 // Config returns the replication connection's configuration derived from a
@@ -125,8 +126,13 @@ var ErrTimeout = errors.New("no replication message before the deadline")
 
 // Receive reads the next message, waiting at most until deadline.
 func (c *Conn) Receive(deadline time.Time) (Message, error) {
-	if err := c.pg.Conn().SetReadDeadline(deadline); err != nil {
-		return Message{}, fmt.Errorf("set read deadline: %w", err)
+	// The deadline changes once per status interval, not per message:
+	// resetting the socket's timer for every message costs a few percent.
+	if !deadline.Equal(c.deadline) {
+		if err := c.pg.Conn().SetReadDeadline(deadline); err != nil {
+			return Message{}, fmt.Errorf("set read deadline: %w", err)
+		}
+		c.deadline = deadline
 	}
 	for {
 		raw, err := c.pg.ReceiveMessage(context.Background())
