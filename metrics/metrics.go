@@ -29,6 +29,7 @@ type Metrics struct {
 	ConfirmSeconds   prometheus.Histogram
 	DeliverySeconds  prometheus.Histogram
 	MarkSeconds      prometheus.Histogram
+	StreamDelay      prometheus.Histogram
 	Reconnects       *prometheus.CounterVec // by dependency
 	Retries          *prometheus.CounterVec // by dependency and kind
 	Standby          prometheus.Gauge
@@ -67,6 +68,9 @@ func New() *Metrics {
 		Help: "Time from occurred_at to the broker's confirm.", Buckets: prometheus.ExponentialBuckets(0.0005, 2.5, 16)})
 	m.MarkSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "outbox_relay_mark_seconds",
 		Help: "Duration of one mark UPDATE.", Buckets: prometheus.ExponentialBuckets(0.0005, 2.5, 12)})
+	m.StreamDelay = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "outbox_relay_stream_delay_seconds",
+		Help:    "Time from a transaction's commit (its commit timestamp, by the database server's clock) to the relay receiving its first event on the replication stream.",
+		Buckets: prometheus.ExponentialBuckets(0.0001, 2, 18)})
 	m.Reconnects = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outbox_relay_reconnects_total",
 		Help: "Sessions restarted after a failure, by the dependency that failed."}, []string{"dependency"})
 	m.Retries = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outbox_relay_retries_total",
@@ -82,7 +86,7 @@ func New() *Metrics {
 	m.OldestUnpublishd = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_oldest_unpublished_age_seconds",
 		Help: "Age of the oldest unpublished row."})
 	for _, c := range []prometheus.Collector{m.EventsPublished, m.EventsSkipped, m.DeadLettered, m.ReplicationLag,
-		m.AckedLSN, m.ReceivedLSN, m.ServerWALEnd, m.ConfirmSeconds, m.DeliverySeconds, m.MarkSeconds, m.Reconnects,
+		m.AckedLSN, m.ReceivedLSN, m.ServerWALEnd, m.ConfirmSeconds, m.DeliverySeconds, m.MarkSeconds, m.StreamDelay, m.Reconnects,
 		m.Retries, m.Standby, m.SweptEvents, m.SlotWALRetained, m.Unpublished, m.OldestUnpublishd} {
 		f(c)
 	}

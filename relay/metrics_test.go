@@ -57,6 +57,7 @@ func TestMetricsAndHealth(t *testing.T) {
 	}
 	before := scrape(t, srv.URL, "outbox_relay_events_published_total")
 	ackedBefore := scrape(t, srv.URL, "outbox_relay_acknowledged_lsn")
+	txBefore := scrape(t, srv.URL, "outbox_relay_stream_delay_seconds_count")
 	var evs []event
 	for i := 0; i < 7; i++ {
 		evs = append(evs, newEvent("order", "created", `{}`))
@@ -74,6 +75,14 @@ func TestMetricsAndHealth(t *testing.T) {
 	}
 	if n := scrape(t, srv.URL, "outbox_relay_event_delivery_seconds_count"); n < 7 {
 		t.Fatalf("delivery histogram has %v observations, want at least 7", n)
+	}
+	// One observation per transaction with events, not per event; the
+	// server's clock is this machine's, so the delay is small.
+	if n := scrape(t, srv.URL, "outbox_relay_stream_delay_seconds_count"); n != txBefore+1 {
+		t.Fatalf("stream delay histogram has %v new observations for one transaction, want 1", n-txBefore)
+	}
+	if d := scrape(t, srv.URL, "outbox_relay_stream_delay_seconds_sum"); d < 0 || d > 10 {
+		t.Fatalf("stream delay sum = %v s for one transaction", d)
 	}
 	r.stop(t)
 	if code, body := status(t, srv.URL+"/readyz"); code != http.StatusServiceUnavailable {

@@ -234,6 +234,7 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 	interval := s.r.cfg.StatusInterval
 	var tx *checkpoint.Tx
 	var xid uint32
+	var committed time.Time // of tx, until its first event is observed
 	nextStatus := time.Now().Add(interval)
 	s.lastHeard = time.Now()
 	for {
@@ -287,10 +288,16 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 		}
 		switch m.Kind {
 		case decoder.KindBegin:
-			tx, xid = s.tracker.Begin(), m.Begin.Xid
+			tx, xid, committed = s.tracker.Begin(), m.Begin.Xid, m.Begin.CommitTime
 		case decoder.KindEvent:
 			if tx == nil {
 				return fmt.Errorf("decode pgoutput message at %s: insert outside a transaction", msg.WALStart)
+			}
+			if !committed.IsZero() {
+				// Only transactions with events: servers before 15 also
+				// send the empty ones.
+				s.r.m.StreamDelay.Observe(max(0, now.Sub(committed).Seconds()))
+				committed = time.Time{}
 			}
 			s.tracker.Add(tx)
 			it := &item{tx: tx, xid: xid, ev: m.Event}

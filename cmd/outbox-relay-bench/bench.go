@@ -34,13 +34,14 @@ type bench struct {
 	topology bool
 	cons     *consumer
 
-	relayBin string
-	relayEnv []string
-	relay    *relayProc
-	relayRun int
-	poller   *pollingProcessor
-	phase    int
-	trackers []*tracker
+	relayBin   string
+	relayEnv   []string
+	metricsURL string // the relay's /metrics
+	relay      *relayProc
+	relayRun   int
+	poller     *pollingProcessor
+	phase      int
+	trackers   []*tracker
 
 	res results
 }
@@ -100,13 +101,18 @@ func (b *bench) run(ctx context.Context) error {
 	if b.dbURL, err = withDatabase(o.DatabaseURL, b.name); err != nil {
 		return err
 	}
+	metricsAddr, err := freeAddr()
+	if err != nil {
+		return err
+	}
+	b.metricsURL = "http://" + metricsAddr + "/metrics"
 	b.relayEnv = append(os.Environ(),
 		"RELAY_DATABASE_URL="+b.dbURL,
 		"RELAY_AMQP_URL="+o.AMQPURL,
 		"RELAY_SLOT="+b.name,
 		"RELAY_EXCHANGE="+b.exchange(),
 		"RELAY_DEAD_LETTER_EXCHANGE="+b.deadLetter(),
-		"RELAY_METRICS_ADDR=127.0.0.1:0",
+		"RELAY_METRICS_ADDR="+metricsAddr,
 		"RELAY_LOG_FORMAT=json",
 	)
 	if out, err := b.relayCommand(ctx, "migrate"); err != nil {
@@ -494,18 +500,25 @@ func (b *bench) measureIdle(ctx context.Context) (idleResult, error) {
 // latencyRun is one steady-load measurement.
 type latencyRun struct {
 	loadResult
-	P50ms      float64 `json:"p50_ms"`
-	P95ms      float64 `json:"p95_ms"`
-	P99ms      float64 `json:"p99_ms"`
-	Maxms      float64 `json:"max_ms"`
-	Producers  int     `json:"producers"`
-	Events     int     `json:"events"`
-	Early      int     `json:"received_before_commit_returned"`
-	RelayCores float64 `json:"relay_cpu_cores,omitempty"`
-	Duplicates int64   `json:"duplicates"`
-	Reorders   int64   `json:"reorders"`
-	samples    []int64
+	// From the relay's outbox_relay_stream_delay_seconds: commit timestamp
+	// -> first event received, the database's share of the latency.
+	StreamP50ms float64 `json:"stream_delay_p50_ms,omitempty"`
+	StreamP99ms float64 `json:"stream_delay_p99_ms,omitempty"`
+	P50ms       float64 `json:"p50_ms"`
+	P95ms       float64 `json:"p95_ms"`
+	P99ms       float64 `json:"p99_ms"`
+	Maxms       float64 `json:"max_ms"`
+	Producers   int     `json:"producers"`
+	Events      int     `json:"events"`
+	Early       int     `json:"received_before_commit_returned"`
+	RelayCores  float64 `json:"relay_cpu_cores,omitempty"`
+	Duplicates  int64   `json:"duplicates"`
+	Reorders    int64   `json:"reorders"`
+	samples     []int64
 }
+
+// streamDelay is the relay's histogram of commit -> received.
+const streamDelay = "outbox_relay_stream_delay_seconds"
 
 func (b *bench) latency(ctx context.Context, design string, rate float64, k, rep int) error {
 	o := b.opt
@@ -520,12 +533,16 @@ func (b *bench) latency(ctx context.Context, design string, rate float64, k, rep
 	phase := b.nextPhase(t)
 	logf("%s: %s from %d connections", name, o.LatencyDuration, producers)
 	var cpu0 time.Duration
+	var delay0 []bucket
 	if design == "relay" {
 		if err := b.relayAlive(); err != nil {
 			return err
 		}
 		var err error
 		if cpu0, err = b.relay.cpu(); err != nil {
+			return err
+		}
+		if delay0, err = histogram(b.metricsURL, streamDelay); err != nil {
 			return err
 		}
 	}
@@ -548,6 +565,12 @@ func (b *bench) latency(ctx context.Context, design string, rate float64, k, rep
 			return err
 		}
 		run.RelayCores = (cpu1 - cpu0).Seconds() / time.Since(w0).Seconds()
+		delay1, err := histogram(b.metricsURL, streamDelay)
+		if err != nil {
+			return err
+		}
+		run.StreamP50ms = 1000 * quantile(delay0, delay1, 0.50)
+		run.StreamP99ms = 1000 * quantile(delay0, delay1, 0.99)
 	}
 	if err := waitMarked(ctx, b.pool, o.Stall, nil); err != nil {
 		return fmt.Errorf("%s: %w", name, err)
@@ -566,6 +589,9 @@ func (b *bench) latency(ctx context.Context, design string, rate float64, k, rep
 	run.Reorders = t.reorders.Load()
 	logf("%s: achieved %.0f events/s; p50 %.2f ms, p95 %.2f ms, p99 %.2f ms, max %.2f ms; relay CPU %.3f cores; dups %d, reorders %d",
 		name, lr.Achieved, run.P50ms, run.P95ms, run.P99ms, run.Maxms, run.RelayCores, run.Duplicates, run.Reorders)
+	if design == "relay" {
+		logf("%s: commit -> received by the relay (its histogram): p50 %.2f ms, p99 %.2f ms", name, run.StreamP50ms, run.StreamP99ms)
+	}
 	b.res.addLatency(design, rate, k, run)
 	return nil
 }
