@@ -144,6 +144,28 @@ func TestBrokerDownKeepsRetryingThenStopsOnSIGTERM(t *testing.T) {
 	}
 }
 
+// TestOneProcessorUnlessGOMAXPROCS: run uses one processor by default and
+// respects GOMAXPROCS when the operator sets it.
+func TestOneProcessorUnlessGOMAXPROCS(t *testing.T) {
+	testenv.Integration(t)
+	e := newRelayEnv(t)
+	e.migrate(t)
+	for _, c := range []struct{ env, want string }{{"", `"gomaxprocs":1,`}, {"2", `"gomaxprocs":2,`}} {
+		t.Run("GOMAXPROCS="+c.env, func(t *testing.T) {
+			vars := with(with(e.vars(), "RELAY_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/"), "GOMAXPROCS", c.env)
+			p := start(t, vars, "run")
+			if !p.waitOutput("starting outbox-relay", 10*time.Second) {
+				t.Fatalf("no start line; output:\n%s", p.all.String())
+			}
+			if out := p.all.String(); !strings.Contains(out, c.want) {
+				t.Errorf("start line without %s:\n%s", c.want, out)
+			}
+			p.signal(syscall.SIGTERM)
+			p.wait(10 * time.Second)
+		})
+	}
+}
+
 // countBrokerErrors counts error-level JSON log lines that name RabbitMQ.
 func countBrokerErrors(out string) int {
 	n := 0
