@@ -19,6 +19,12 @@
 //     confirmed, in order.
 //   - Messages the broker can never accept (Reject) are not published; the
 //     relay sends them to the dead-letter exchange instead.
+//   - With a backlog, the relay holds the connection's writes (Batcher)
+//     while it publishes the events already waiting and flushes before it
+//     waits for anything, so many publishes cost one TCP write. A publish
+//     still counts only once its confirm arrives, so a write that fails
+//     after Publish returned loses nothing: the session ends and the event
+//     is published again.
 //
 // NATS JetStream (nats.go) gives the same guarantees with its own means:
 //
