@@ -30,5 +30,7 @@ func (c *Config) Logger(w io.Writer) zerolog.Logger {
 	if c.LogFormat == "console" {
 		w = zerolog.ConsoleWriter{Out: w, TimeFormat: time.RFC3339}
 	}
+	// Milliseconds: a reconnect or a drain takes less than a second.
+	zerolog.TimeFieldFormat = "2006-01-02T15:04:05.000Z07:00"
 	return zerolog.New(w).Level(level).With().Timestamp().Logger()
 }
