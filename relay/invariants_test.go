@@ -105,6 +105,8 @@ func TestMarkWaitsForVisibility(t *testing.T) {
 	late := newEvent("order", "paid", `{}`)
 	open, err := e.pool.Begin(ctx)
 	must(t, err)
+	// On a failure, end the transaction so the database can be dropped.
+	defer func() { _ = open.Rollback(ctx) }()
 	_, err = open.Exec(ctx, `INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
 		VALUES ($1, $2, $3, $4, $5)`, late.ID, late.AggregateType, late.AggregateID, late.EventType, late.Payload)
 	must(t, err)
