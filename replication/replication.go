@@ -32,8 +32,12 @@ func SlotInUse(err error) bool { return HasCode(err, CodeObjectInUse) }
 // Conn is a replication connection.
 type Conn struct {
 	pg       *pgconn.PgConn
-	deadline time.Time // the read deadline last set by Receive
+	deadline time.Time // the read deadline last set by Receive; zero: unknown
 }
+
+// forgetDeadline makes the next Receive set its deadline again: a call with
+// a context that gets cancelled has pgconn move or clear the deadline.
+func (c *Conn) forgetDeadline() { c.deadline = time.Time{} }
 
 // Config returns the replication connection's configuration derived from a
 // normal database URL: same server, user and TLS settings, plus
@@ -65,6 +69,7 @@ func Connect(ctx context.Context, cfg *pgconn.Config) (*Conn, error) {
 
 // IdentifySystem runs IDENTIFY_SYSTEM.
 func (c *Conn) IdentifySystem(ctx context.Context) (pglogrepl.IdentifySystemResult, error) {
+	c.forgetDeadline()
 	r, err := pglogrepl.IdentifySystem(ctx, c.pg)
 	if err != nil {
 		return r, fmt.Errorf("IDENTIFY_SYSTEM: %w", err)
@@ -83,6 +88,7 @@ type Slot struct {
 // in that snapshot will never come through the slot, everything committed
 // after it will.
 func (c *Conn) CreateSlot(ctx context.Context, name string) (Slot, error) {
+	c.forgetDeadline()
 	res, err := pglogrepl.CreateReplicationSlot(ctx, c.pg, name, "pgoutput",
 		pglogrepl.CreateReplicationSlotOptions{Mode: pglogrepl.LogicalReplication, SnapshotAction: "EXPORT_SNAPSHOT"})
 	if err != nil {
@@ -98,6 +104,7 @@ func (c *Conn) CreateSlot(ctx context.Context, name string) (Slot, error) {
 // Start begins streaming from the slot. A zero start LSN resumes at the
 // slot's confirmed position.
 func (c *Conn) Start(ctx context.Context, slot, publication string, start pglogrepl.LSN) error {
+	c.forgetDeadline()
 	// pgoutput splits publication_names like an identifier list.
 	pubs := "'" + strings.ReplaceAll(pgx.Identifier{publication}.Sanitize(), "'", "''") + "'"
 	err := pglogrepl.StartReplication(ctx, c.pg, slot, start, pglogrepl.StartReplicationOptions{

@@ -77,11 +77,7 @@ func (c *coalescingConn) flushLocked() error {
 		return nil
 	}
 	_, err := c.write(c.buf)
-	if cap(c.buf) > 4*coalesceLimit {
-		c.buf = nil // a large body passed through; don't keep its buffer
-	} else {
-		c.buf = c.buf[:0]
-	}
+	c.buf = c.buf[:0] // never above coalesceLimit: larger writes bypass it
 	return err
 }
 
