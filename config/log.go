@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"time"
 
 	"github.com/rs/zerolog"
 )
@@ -18,6 +17,12 @@ func ParseLevel(s string) (zerolog.Level, error) {
 	return zerolog.NoLevel, fmt.Errorf("RELAY_LOG_LEVEL %q is not one of trace, debug, info, warn, error", s)
 }
 
+// timeFormat has milliseconds: a reconnect or a drain takes less than a
+// second, and its steps should not all look simultaneous.
+const timeFormat = "2006-01-02T15:04:05.000Z07:00"
+
+func init() { zerolog.TimeFieldFormat = timeFormat }
+
 // Logger builds the process logger: JSON by default, console for people.
 func (c *Config) Logger(w io.Writer) zerolog.Logger {
 	if w == nil {
@@ -28,9 +33,7 @@ func (c *Config) Logger(w io.Writer) zerolog.Logger {
 		level = zerolog.InfoLevel
 	}
 	if c.LogFormat == "console" {
-		w = zerolog.ConsoleWriter{Out: w, TimeFormat: time.RFC3339}
+		w = zerolog.ConsoleWriter{Out: w, TimeFormat: timeFormat}
 	}
-	// Milliseconds: a reconnect or a drain takes less than a second.
-	zerolog.TimeFieldFormat = "2006-01-02T15:04:05.000Z07:00"
 	return zerolog.New(w).Level(level).With().Timestamp().Logger()
 }
