@@ -105,3 +105,12 @@ func quantile(before, after []bucket, q float64) float64 {
 	}
 	return lower
 }
+
+// finite maps NaN (no observations) to 0, which the table shows as n/a;
+// JSON has no NaN.
+func finite(v float64) float64 {
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		return 0
+	}
+	return v
+}

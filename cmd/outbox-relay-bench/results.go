@@ -283,7 +283,10 @@ func (r *results) markdown() string {
 		cores, stream := "", ""
 		if sc.Design == "relay" {
 			cores = num(m.RelayCores, 3)
-			stream = num(m.StreamP50ms, 2) + " / " + num(m.StreamP99ms, 2)
+			stream = "n/a"
+			if m.StreamP50ms > 0 {
+				stream = num(m.StreamP50ms, 2) + " / " + num(m.StreamP99ms, 2)
+			}
 		}
 		mark := ""
 		if target != "" {
@@ -302,7 +305,7 @@ func (r *results) markdown() string {
 		w("| %s | %s | %d | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n", sc.Design, num(sc.Rate, 0), sc.TxRows, conns, num(m.Achieved, 0),
 			num(m.P50ms, 2), num(m.P95ms, 2), num(m.P99ms, 2), num(m.Maxms, 2), cores, stream, target, mark)
 	}
-	w("\n¹ From the relay's own `outbox_relay_stream_delay_seconds` histogram (scraped before and after each load, interpolated within its buckets, which double in width): the transaction's commit timestamp, taken by PostgreSQL before it flushes the commit, to the relay receiving its first event. It is the database's share of the latency (WAL flush, walsender, decoding); the rest is the relay and RabbitMQ. It starts before COMMIT returns, so it can exceed the latency's own percentiles.\n")
+	w("\n¹ From the relay's own `outbox_relay_stream_delay_seconds` histogram (scraped before and after each load, interpolated within its buckets, which double in width): the transaction's commit timestamp, taken by PostgreSQL before it flushes the commit, to the relay receiving its first event. It is the database's share of the latency (WAL flush, walsender, decoding), plus any time the relay was not reading (its pipeline full, or its processor busy); the rest is the relay's publishing and RabbitMQ. It starts before COMMIT returns, so it can exceed the latency's own percentiles.\n")
 	if len(short) > 0 {
 		w("\nThe producers could not offer the full load for: %s. Each COMMIT waits for its WAL flush (synchronous_commit = on, as an application would); latencies there are for the load achieved.\n", strings.Join(short, "; "))
 	}
