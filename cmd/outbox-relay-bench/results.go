@@ -322,7 +322,12 @@ func (r *results) markdown() string {
 	w("| relay CPU per 1,000 events drained (ms) | %s | %s | | |\n", num(s.CPUPer1000ms, 1), runs(collect(r.Drain, func(d drainRun) float64 { return d.CPUPer1000ms }), 1))
 	w("| relay CPU while draining (cores) | %s | %s | | |\n", num(s.DrainCores, 2), runs(collect(r.Drain, func(d drainRun) float64 { return d.Cores }), 2))
 	rssTarget := "≤ 64 (at 1,000,000 rows)"
-	w("| relay peak RSS while draining %s rows (MiB) | %s | %s | %s | %s |\n", num(float64(o.N), 0), num(s.PeakRSSMiB, 1), runs(collect(r.Drain, func(d drainRun) float64 { return d.PeakRSSMiB }), 1), rssTarget, met(s.PeakRSSMiB <= 64))
+	// The target is for a million rows; a smaller backlog can only hint.
+	rssMet := met(s.PeakRSSMiB <= 64)
+	if o.N < 1000000 {
+		rssMet = "not judged below 1,000,000 rows (-n 1000000)"
+	}
+	w("| relay peak RSS while draining %s rows (MiB) | %s | %s | %s | %s |\n", num(float64(o.N), 0), num(s.PeakRSSMiB, 1), runs(collect(r.Drain, func(d drainRun) float64 { return d.PeakRSSMiB }), 1), rssTarget, rssMet)
 	w("| relay queries sent while the outbox is idle %.0f s (pg_stat_activity of its pool, sampled every 50 ms) | %d | | = 0 | %s |\n", r.Idle.Seconds, r.Idle.QueriesSeen, met(r.Idle.QueriesSeen == 0))
 	w("| transactions/s counted in the bench database meanwhile (xact_commit; the logical walsender counts about 1/s of its own with no client query) | %s | | | |\n", num(r.Idle.QueriesPerSecond, 2))
 
