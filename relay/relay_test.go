@@ -156,6 +156,37 @@ func TestRestartResumes(t *testing.T) {
 	r.stop(t)
 }
 
+// TestStopDoesNotWaitForTheStatusInterval: a stop wakes the replication
+// receive; with a 30 s status interval and an idle outbox, the relay would
+// otherwise sit in its receive until the interval ends.
+func TestStopDoesNotWaitForTheStatusInterval(t *testing.T) {
+	e := newEnv(t)
+	e.cfg.StatusInterval = 30 * time.Second
+	e.cfg.PostgresTimeout = time.Minute
+	r := e.start(nil)
+	r.waitStreaming(t)
+	ev := newEvent("order", "created", `{}`)
+	e.insertTx([]event{ev}, true, nil)
+	e.waitReceived(1, 20*time.Second)
+	waitFor(t, 10*time.Second, "the row marked", func() bool { return e.unpublished() == 0 })
+	// The receive that follows has a deadline up to 30 s away.
+	time.Sleep(200 * time.Millisecond)
+	began := time.Now()
+	r.cancel()
+	select {
+	case err := <-r.done:
+		if err != nil {
+			t.Fatalf("Run returned %v after stop", err)
+		}
+		r.done <- nil
+	case <-time.After(10 * time.Second):
+		t.Fatal("the relay did not stop within 10 s of the signal: its receive waited for the status interval")
+	}
+	t.Logf("stopped %s after the signal", time.Since(began).Round(time.Millisecond))
+	// The final acknowledgement still went out.
+	waitFor(t, 10*time.Second, "the slot to pass the event", func() bool { return e.slotPast(e.currentLSN()) })
+}
+
 // TestLargeTransactionBoundedMemory: one transaction of 100,000 events is
 // streamed in order while the relay's heap stays bounded (invariant 9).
 func TestLargeTransactionBoundedMemory(t *testing.T) {

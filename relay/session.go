@@ -225,6 +225,9 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 		}
 		return classifyPg(err)
 	}
+	// A stop wakes the receive rather than waiting for the next message or
+	// status interval (up to RELAY_STATUS_INTERVAL).
+	defer context.AfterFunc(soft, s.conn.Interrupt)()
 	s.r.streamed = true
 	s.r.m.Standby.Set(0)
 	s.r.m.SetReady(true, "")

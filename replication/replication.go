@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -31,8 +32,17 @@ func SlotInUse(err error) bool { return HasCode(err, CodeObjectInUse) }
 
 // Conn is a replication connection.
 type Conn struct {
-	pg       *pgconn.PgConn
-	deadline time.Time // the read deadline last set by Receive; zero: unknown
+	pg          *pgconn.PgConn
+	deadline    time.Time // the read deadline last set by Receive; zero: unknown
+	interrupted atomic.Bool
+}
+
+// Interrupt makes a Receive in progress, and every later one, return
+// ErrTimeout at once: a stop need not wait for the next message or status
+// interval. Safe to call from another goroutine.
+func (c *Conn) Interrupt() {
+	c.interrupted.Store(true)
+	_ = c.pg.Conn().SetReadDeadline(time.Now())
 }
 
 // forgetDeadline makes the next Receive set its deadline again: a call with
@@ -140,6 +150,11 @@ func (c *Conn) Receive(deadline time.Time) (Message, error) {
 			return Message{}, fmt.Errorf("set read deadline: %w", err)
 		}
 		c.deadline = deadline
+	}
+	// After setting the deadline: an Interrupt that came before it is seen
+	// here, and one that comes after it moves the deadline to now.
+	if c.interrupted.Load() {
+		return Message{}, ErrTimeout
 	}
 	for {
 		raw, err := c.pg.ReceiveMessage(context.Background())
