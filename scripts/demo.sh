@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # demo.sh: outbox-relay end to end, in one command (`make demo`).
 #
-#   1. services: `docker compose up -d --wait postgres rabbitmq` when Docker
-#      answers, else this machine's own (scripts/local-services.sh);
+#   1. services, chosen as for the tests (scripts/test-env.sh): docker
+#      compose when Docker answers, else this machine's own
+#      (scripts/local-services.sh);
 #   2. database outbox_demo (created if missing), bin/outbox-relay and
 #      bin/demo built, `outbox-relay migrate`;
 #   3. the consumer, the relay and the producer run together and their output
@@ -36,35 +37,27 @@ case "$DEMO_SECONDS" in '' | *[!0-9]*) die "DEMO_SECONDS must be a whole number 
 
 # --- services -----------------------------------------------------------------
 
-mode="${DEMO_SERVICES:-}"
-if [ -z "$mode" ]; then
-	if command -v docker >/dev/null 2>&1 && timeout 15 docker info >/dev/null 2>&1; then
-		mode=docker
-	else
-		mode=local
-	fi
-fi
-case "$mode" in
-docker)
-	say "services: Docker answers, docker compose up -d --wait postgres rabbitmq"
-	docker compose up -d --wait postgres rabbitmq || die "docker compose up failed"
-	pg_port="$(docker compose port postgres 5432 | sed 's/.*://')"
-	amqp_port="$(docker compose port rabbitmq 5672 | sed 's/.*://')"
-	ADMIN_URL="${DEMO_ADMIN_URL:-postgres://postgres:postgres@127.0.0.1:${pg_port:-5432}/postgres?sslmode=disable}"
-	AMQP_URL="${DEMO_AMQP_URL:-amqp://guest:guest@127.0.0.1:${amqp_port:-5672}/}"
-	;;
-local)
-	say "services: no Docker engine, using this machine's (scripts/local-services.sh)"
-	bash scripts/local-services.sh || die "scripts/local-services.sh failed"
-	ADMIN_URL="${DEMO_ADMIN_URL:-postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable}"
-	AMQP_URL="${DEMO_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/}"
-	;;
+case "${DEMO_SERVICES:-}" in
 none)
 	[ -n "${DEMO_ADMIN_URL:-}" ] && [ -n "${DEMO_AMQP_URL:-}" ] || die "DEMO_SERVICES=none needs DEMO_ADMIN_URL and DEMO_AMQP_URL"
+	mode=none
 	ADMIN_URL="$DEMO_ADMIN_URL"
 	AMQP_URL="$DEMO_AMQP_URL"
 	;;
-*) die "DEMO_SERVICES must be docker, local or none, not '$mode'" ;;
+'' | docker | local)
+	# The same choice the tests make: Docker when it answers, else this
+	# machine's services, configured by scripts/local-services.sh.
+	say "services: scripts/test-env.sh"
+	OUTBOX_TEST_SERVICES="${DEMO_SERVICES:-}"
+	OUTBOX_TEST_DATABASE_URL="${DEMO_ADMIN_URL:-}"
+	OUTBOX_TEST_AMQP_URL="${DEMO_AMQP_URL:-}"
+	# shellcheck source=test-env.sh
+	. scripts/test-env.sh || die "scripts/test-env.sh could not bring up the services"
+	mode="${OUTBOX_TEST_SERVICES:-none}"
+	ADMIN_URL="$OUTBOX_TEST_DATABASE_URL"
+	AMQP_URL="$OUTBOX_TEST_AMQP_URL"
+	;;
+*) die "DEMO_SERVICES must be docker, local or none, not '$DEMO_SERVICES'" ;;
 esac
 # The demo database: the admin URL with its path replaced.
 DB_URL="$(printf '%s' "$ADMIN_URL" | sed -E "s#^([a-z]+://[^/]*)/[^?]*#\1/$DB#")"

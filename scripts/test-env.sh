@@ -61,6 +61,8 @@ _outbox_test_env() {
 		return 1
 		;;
 	esac
+	# What was chosen, for scripts that source this one (scripts/demo.sh).
+	export OUTBOX_TEST_SERVICES="$mode"
 	echo "test-env: OUTBOX_TEST_DATABASE_URL=$OUTBOX_TEST_DATABASE_URL OUTBOX_TEST_AMQP_URL=$OUTBOX_TEST_AMQP_URL" >&2
 }
 
