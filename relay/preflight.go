@@ -95,11 +95,9 @@ func classifyPg(err error) error {
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
 		switch pgErr.Code {
-		case "28P01", "28000": // bad password, no pg_hba entry / role
-			return fmt.Errorf("%w: %w", ErrMisconfigured, err)
-		case "3D000": // database does not exist
-			return fmt.Errorf("%w: %w", ErrMisconfigured, err)
-		case "42501": // insufficient privilege
+		case "28P01", "28000", // bad password, no pg_hba entry / role
+			"3D000", // database does not exist
+			"42501": // insufficient privilege
 			return fmt.Errorf("%w: %w", ErrMisconfigured, err)
 		}
 	}

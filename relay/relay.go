@@ -11,7 +11,6 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
-	amqp "github.com/rabbitmq/amqp091-go"
 	"github.com/rs/zerolog"
 
 	"github.com/outbox-relay/outbox-relay/config"
@@ -136,10 +135,11 @@ func (r *Relay) Run(ctx context.Context) error {
 
 // dependency names which side failed, for logs and metrics.
 func (r *Relay) dependency(err error) string {
-	var amqpErr *amqp.Error
+	// Every broker error is wrapped in errBroker where the pipeline meets
+	// the sink, whichever sink it is.
 	var pgErr *pgconn.PgError
 	switch {
-	case errors.As(err, &amqpErr), errors.Is(err, sink.ErrClosed), errors.Is(err, errBroker):
+	case errors.Is(err, errBroker):
 		return r.broker()
 	case errors.As(err, &pgErr), errors.Is(err, errDatabase):
 		return "postgres"

@@ -293,9 +293,8 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 		case decoder.KindBegin:
 			tx, xid, committed = s.tracker.Begin(), m.Begin.Xid, m.Begin.CommitTime
 		case decoder.KindEvent:
-			if tx == nil {
-				return fmt.Errorf("decode pgoutput message at %s: insert outside a transaction", msg.WALStart)
-			}
+			// The decoder refuses an insert or commit outside a
+			// transaction, so tx is set here.
 			if !committed.IsZero() {
 				// Only transactions with events: servers before 15 also
 				// send the empty ones.
@@ -308,9 +307,7 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 				return err
 			}
 		case decoder.KindCommit:
-			if tx != nil {
-				s.tracker.Close(tx, m.Commit.EndLSN)
-			}
+			s.tracker.Close(tx, m.Commit.EndLSN)
 			tx = nil
 		}
 		if !now.Before(nextStatus) {

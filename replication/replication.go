@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strings"
 	"sync/atomic"
 	"time"
 
@@ -12,6 +11,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/outbox-relay/outbox-relay/migrations"
 )
 
 // SQLSTATEs the relay reacts to.
@@ -116,7 +117,7 @@ func (c *Conn) CreateSlot(ctx context.Context, name string) (Slot, error) {
 func (c *Conn) Start(ctx context.Context, slot, publication string, start pglogrepl.LSN) error {
 	c.forgetDeadline()
 	// pgoutput splits publication_names like an identifier list.
-	pubs := "'" + strings.ReplaceAll(pgx.Identifier{publication}.Sanitize(), "'", "''") + "'"
+	pubs := migrations.QuoteLiteral(pgx.Identifier{publication}.Sanitize())
 	err := pglogrepl.StartReplication(ctx, c.pg, slot, start, pglogrepl.StartReplicationOptions{
 		Mode:       pglogrepl.LogicalReplication,
 		PluginArgs: []string{"proto_version '1'", "publication_names " + pubs},
