@@ -70,13 +70,10 @@ func (s *session) mark(ctx context.Context) error {
 
 func (s *session) markBatch(ctx context.Context, batch []*item) error {
 	ids := make([]string, 0, len(batch))
-	waiting := make(map[string]*item, len(batch))
 	for _, it := range batch {
-		if it.skip {
-			continue
+		if !it.skip {
+			ids = append(ids, it.ev.ID)
 		}
-		ids = append(ids, it.ev.ID)
-		waiting[it.ev.ID] = it
 	}
 	bo := newBackoff(time.Millisecond, 500*time.Millisecond)
 	started := time.Now()
@@ -88,7 +85,7 @@ func (s *session) markBatch(ctx context.Context, batch []*item) error {
 			return err
 		}
 		s.r.m.MarkSeconds.Observe(time.Since(t0).Seconds())
-		ids = remove(ids, marked, waiting)
+		ids = remove(ids, marked)
 		if len(ids) == 0 {
 			break
 		}
@@ -99,19 +96,19 @@ func (s *session) markBatch(ctx context.Context, batch []*item) error {
 		if err != nil {
 			return err
 		}
-		ids = remove(ids, already, waiting)
+		ids = remove(ids, already)
 		if len(ids) == 0 {
 			break
 		}
 		if attempt >= 3 {
-			gone, err := s.deletedRows(ctx, ids, waiting)
+			gone, err := s.deletedRows(ctx, ids, batch)
 			if err != nil {
 				return err
 			}
 			if len(gone) > 0 {
 				s.log.Warn().Strs("ids", gone).Msg("published events whose rows were deleted before they could be marked")
 			}
-			ids = remove(ids, gone, waiting)
+			ids = remove(ids, gone)
 			if len(ids) == 0 {
 				break
 			}
@@ -127,15 +124,11 @@ func (s *session) markBatch(ctx context.Context, batch []*item) error {
 		}
 	}
 	m := s.r.m
-	now := time.Now()
 	for _, it := range batch {
 		if it.skip {
 			m.EventsSkipped.Inc()
 		} else if it.dead == "" {
 			m.EventsPublished.Inc()
-			if !it.ev.OccurredAt.IsZero() {
-				m.DeliverySeconds.Observe(it.sentAt.Sub(it.ev.OccurredAt).Seconds() + now.Sub(it.sentAt).Seconds())
-			}
 		}
 		s.tracker.Finish(it.tx, 1)
 	}
@@ -143,7 +136,7 @@ func (s *session) markBatch(ctx context.Context, batch []*item) error {
 }
 
 // remove drops the ids in done from ids.
-func remove(ids, done []string, waiting map[string]*item) []string {
+func remove(ids, done []string) []string {
 	if len(done) == 0 {
 		return ids
 	}
@@ -190,7 +183,11 @@ func (r *Relay) ids(ctx context.Context, what, q string, ids []string) ([]string
 // deletedRows returns the ids whose transaction is visible to a new
 // snapshot but whose row is not there: deleted after insert, so there is
 // nothing to mark. Rows of transactions not yet visible are kept waiting.
-func (s *session) deletedRows(ctx context.Context, ids []string, waiting map[string]*item) ([]string, error) {
+func (s *session) deletedRows(ctx context.Context, ids []string, batch []*item) ([]string, error) {
+	waiting := make(map[string]*item, len(batch))
+	for _, it := range batch {
+		waiting[it.ev.ID] = it
+	}
 	var gone []string
 	for _, id := range ids {
 		it := waiting[id]

@@ -187,6 +187,10 @@ func (s *session) confirm(ctx context.Context) error {
 				return err
 			}
 			m.ConfirmSeconds.Observe(time.Since(it.sentAt).Seconds())
+			if it.dead == "" && !it.ev.OccurredAt.IsZero() {
+				// The contract's end to end: occurred_at -> confirmed.
+				m.DeliverySeconds.Observe(time.Since(it.ev.OccurredAt).Seconds())
+			}
 		}
 		if err := forward(ctx, s.confirmed, it); err != nil {
 			return err
