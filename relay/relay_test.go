@@ -60,6 +60,14 @@ func TestStreamsExactlyTheCommittedEventsInOrder(t *testing.T) {
 			t.Fatalf("message %d is %s, want %s: order broken", i, d.MessageId, w.ID)
 		}
 		checkMessage(t, d, w, e.cfg.Exchange)
+		// The time properties carry the row's occurred_at, not the
+		// publish time.
+		var stored time.Time
+		must(t, e.pool.QueryRow(context.Background(), `SELECT occurred_at FROM outbox_events WHERE id = $1`, w.ID).Scan(&stored))
+		occ, _ := d.Headers["occurred_at"].(string)
+		if ts, err := time.Parse(time.RFC3339Nano, occ); err != nil || !ts.Equal(stored) || !d.Timestamp.Equal(stored.Truncate(time.Second)) {
+			t.Fatalf("%s: occurred_at header %q, timestamp %v; the row's occurred_at is %v", w.ID, occ, d.Timestamp, stored)
+		}
 	}
 	waitFor(t, 10*time.Second, "all rows marked", func() bool { return e.unpublished() == 0 })
 	waitFor(t, 10*time.Second, "slot acknowledged past the last commit", func() bool { return e.slotPast(lastCommit) })
