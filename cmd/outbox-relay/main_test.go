@@ -42,6 +42,15 @@ func TestUnknownCommandExits2(t *testing.T) {
 	}
 }
 
+func TestHelpPrintsTheUsage(t *testing.T) {
+	for _, arg := range []string{"help", "-h", "--help"} {
+		stdout, all, code := runBin(t, nil, 30*time.Second, arg)
+		if code != 0 || !strings.Contains(stdout, "usage: outbox-relay") || !strings.Contains(stdout, "commands:") {
+			t.Fatalf("outbox-relay %s: exit %d, output:\n%s\nwant exit 0 and the usage on stdout", arg, code, all)
+		}
+	}
+}
+
 // Configuration is checked before anything connects: these need no services.
 func TestBadConfigurationExitsNamingTheVariable(t *testing.T) {
 	valid := map[string]string{
