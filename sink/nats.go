@@ -258,6 +258,7 @@ func (n *NATS) Reject(m *Message) string {
 		return reason
 	}
 	msg := natsMessage(m.Key, m)
+	m.built = msg
 	if size := msg.Size() - len(msg.Subject); size > n.maxPayload {
 		return fmt.Sprintf("message is %d bytes with its headers; the limit is %d (the smallest of the server's max_payload, "+
 			"the stream's max_msg_size and RELAY_MAX_MESSAGE_BYTES)", size, n.maxPayload)
@@ -279,9 +280,14 @@ func (n *NATS) Publish(ctx context.Context, m *Message) (Pending, error) {
 		return nil, fmt.Errorf("publish %s: %w", m.ID, n.closedErr())
 	default:
 	}
+	msg := m.built
+	if msg == nil || msg.Subject != m.Key {
+		msg = natsMessage(m.Key, m)
+	}
+	m.built = nil // a republish builds afresh: the library keeps the one it was given
 	// No retries on "no responders": the library would republish later, out
 	// of order; Wait decides instead.
-	paf, err := n.js.PublishMsgAsync(natsMessage(m.Key, m),
+	paf, err := n.js.PublishMsgAsync(msg,
 		jetstream.WithRetryAttempts(0), jetstream.WithStallWait(n.cfg.AckTimeout))
 	if err != nil {
 		if n.nc.IsClosed() {
