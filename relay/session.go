@@ -44,6 +44,7 @@ type session struct {
 	confirmed chan *item
 	drained   chan struct{}
 
+	streaming bool     // START_REPLICATION succeeded; only the reader touches it
 	filtering bool     // replayed rows may already be marked; see filterPublished
 	retry     *backoff // shared by the confirmer's republishes
 	unmarked  []*item  // the marker's batch when a mark failed
@@ -179,7 +180,11 @@ func (r *Relay) session(ctx context.Context) error {
 func (s *session) read(soft, ctx context.Context, sweep pgx.Tx) (err error) {
 	defer func() {
 		// Whatever happened, tell the server what is done: it shortens the
-		// replay after a restart and never claims more than is done.
+		// replay after a restart and never claims more than is done. Not
+		// before START_REPLICATION: there is no stream to tell.
+		if !s.streaming {
+			return
+		}
 		if serr := s.sendStatus(false); serr != nil && err == nil && soft.Err() == nil {
 			err = serr
 		}
@@ -228,6 +233,7 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 	// A stop wakes the receive rather than waiting for the next message or
 	// status interval (up to RELAY_STATUS_INTERVAL).
 	defer context.AfterFunc(soft, s.conn.Interrupt)()
+	s.streaming = true
 	s.r.streamed = true
 	s.r.m.Standby.Set(0)
 	s.r.m.SetReady(true, "")
@@ -320,12 +326,17 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 }
 
 // send hands an item to the publisher. While the pipeline is full it keeps
-// the server informed, so a slow broker never trips wal_sender_timeout.
+// the server informed, so a slow broker never trips wal_sender_timeout;
+// nextStatus is nil before streaming starts (the table sweep), when there
+// is no stream to keep alive.
 func (s *session) send(ctx context.Context, it *item, nextStatus *time.Time) error {
 	select {
 	case s.items <- it:
 		return nil
 	default:
+	}
+	if nextStatus == nil {
+		return forward(ctx, s.items, it)
 	}
 	for {
 		wait := time.Until(*nextStatus)

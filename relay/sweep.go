@@ -47,7 +47,6 @@ func (s *session) sweep(soft, ctx context.Context, tx pgx.Tx) error {
 	}()
 	total := 0
 	lastLog := time.Now()
-	nextStatus := time.Now().Add(time.Hour) // not streaming yet: no status to send
 	for soft.Err() == nil {
 		rows, err := tx.Query(ctx, `FETCH 1000 FROM outbox_relay_sweep`)
 		if err != nil {
@@ -64,7 +63,8 @@ func (s *session) sweep(soft, ctx context.Context, tx pgx.Tx) error {
 			ev.Payload = []byte(payload)
 			n++
 			s.tracker.Add(ctr)
-			if err := s.send(ctx, &item{tx: ctr, sweep: true, ev: ev}, &nextStatus); err != nil {
+			// Not streaming yet: no status to send while the pipeline is full.
+			if err := s.send(ctx, &item{tx: ctr, sweep: true, ev: ev}, nil); err != nil {
 				rows.Close()
 				return err
 			}
