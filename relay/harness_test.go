@@ -15,6 +15,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/outbox-relay/outbox-relay/config"
+	"github.com/outbox-relay/outbox-relay/internal/pgsession"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/migrations"
@@ -30,7 +31,10 @@ type env struct {
 	dbURL   string
 	amqpURL string
 	cfg     *config.Config
-	pool    *pgxpool.Pool
+	pool    *pgxpool.Pool // the test's own, as an application's
+	// relayPool is the relay's, configured as `outbox-relay run` does
+	// (internal/pgsession): built on first start, with the bounds then set.
+	relayPool *pgxpool.Pool
 	amqp    *amqp.Connection
 	queue   string
 
@@ -154,7 +158,7 @@ func (e *env) startWith(inspect func(*Relay), wrap func(sink.Publisher) sink.Pub
 	log := zerolog.New(zerolog.NewTestWriter(e.t)).With().Timestamp().Logger().Level(zerolog.InfoLevel)
 	cfg := *e.cfg
 	r, err := New(Options{
-		Config: &cfg, Pool: e.pool, Log: log, Metrics: m, Replication: replCfg,
+		Config: &cfg, Pool: e.relaysPool(), Log: log, Metrics: m, Replication: replCfg,
 		StandbyRetry: 200 * time.Millisecond,
 		NewPublisher: func(ctx context.Context) (sink.Publisher, error) {
 			p, err := sink.DialRabbitMQ(ctx, sink.RabbitMQConfig{URL: cfg.AMQPURL, Exchange: cfg.Exchange,
@@ -178,6 +182,20 @@ func (e *env) startWith(inspect func(*Relay), wrap func(sink.Publisher) sink.Pub
 		rr.done <- nil
 	})
 	return rr
+}
+
+// relaysPool returns the pool the relay uses, built as the binary builds it.
+func (e *env) relaysPool() *pgxpool.Pool {
+	e.t.Helper()
+	if e.relayPool != nil {
+		return e.relayPool
+	}
+	pc, err := pgsession.PoolConfig(e.dbURL, 4, pgsession.Bounds{Statement: e.cfg.PostgresTimeout})
+	must(e.t, err)
+	e.relayPool, err = pgxpool.NewWithConfig(context.Background(), pc)
+	must(e.t, err)
+	e.t.Cleanup(e.relayPool.Close)
+	return e.relayPool
 }
 
 // waitStreaming waits until the relay reports ready (streaming).

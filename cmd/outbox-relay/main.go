@@ -7,7 +7,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -24,6 +23,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-relay/outbox-relay/config"
+	"github.com/outbox-relay/outbox-relay/internal/pgsession"
 	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/migrations"
 	"github.com/outbox-relay/outbox-relay/relay"
@@ -108,14 +108,9 @@ func loadConfig(stderr io.Writer, forTools bool) (*config.Config, bool) {
 }
 
 func newPool(ctx context.Context, cfg *config.Config, maxConns int32) (*pgxpool.Pool, error) {
-	pc, err := pgxpool.ParseConfig(cfg.DatabaseURL)
+	pc, err := pgsession.PoolConfig(cfg.DatabaseURL, maxConns, pgsession.Bounds{Statement: cfg.PostgresTimeout})
 	if err != nil {
-		return nil, errors.New("RELAY_DATABASE_URL is not a valid PostgreSQL connection string")
-	}
-	pc.MaxConns = maxConns
-	pc.ConnConfig.RuntimeParams["application_name"] = "outbox-relay"
-	if pc.ConnConfig.ConnectTimeout == 0 {
-		pc.ConnConfig.ConnectTimeout = 15 * time.Second
+		return nil, err
 	}
 	return pgxpool.NewWithConfig(ctx, pc)
 }
