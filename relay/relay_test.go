@@ -12,6 +12,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/outbox-relay/outbox-relay/outbox"
 )
 
 // TestStreamsExactlyTheCommittedEventsInOrder: transactions of mixed sizes,
@@ -173,8 +175,20 @@ func TestStopDoesNotWaitForTheStatusInterval(t *testing.T) {
 	e.cfg.PostgresTimeout = time.Minute
 	r := e.start(nil)
 	r.waitStreaming(t)
+	// The acknowledgement to wait for is the event's commit. A WAL position
+	// read after the commit (or after the stop) may lie past it, by WAL
+	// other tests write, and only a keepalive 30 s away would move the slot
+	// there: read the insert position inside the transaction instead, which
+	// the commit's end lies strictly past.
 	ev := newEvent("order", "created", `{}`)
-	e.insertTx([]event{ev}, true, nil)
+	ctx := context.Background()
+	tx, err := e.pool.Begin(ctx)
+	must(t, err)
+	must(t, outbox.Insert(ctx, tx, outbox.Event{ID: ev.ID, AggregateType: ev.AggregateType,
+		AggregateID: ev.AggregateID, EventType: ev.EventType, Payload: json.RawMessage(ev.Payload)}))
+	var beforeCommit string
+	must(t, tx.QueryRow(ctx, `SELECT pg_current_wal_insert_lsn()::text`).Scan(&beforeCommit))
+	must(t, tx.Commit(ctx))
 	e.waitReceived(1, 20*time.Second)
 	waitFor(t, 10*time.Second, "the row marked", func() bool { return e.unpublished() == 0 })
 	// The receive that follows has a deadline up to 30 s away.
@@ -191,8 +205,9 @@ func TestStopDoesNotWaitForTheStatusInterval(t *testing.T) {
 		t.Fatal("the relay did not stop within 10 s of the signal: its receive waited for the status interval")
 	}
 	t.Logf("stopped %s after the signal", time.Since(began).Round(time.Millisecond))
-	// The final acknowledgement still went out.
-	waitFor(t, 10*time.Second, "the slot to pass the event", func() bool { return e.slotPast(e.currentLSN()) })
+	// The final acknowledgement still went out: with a 30 s interval no
+	// other status update reaches the server in this test's time.
+	waitFor(t, 10*time.Second, "the slot to pass the event's commit", func() bool { return e.slotPast(beforeCommit) })
 }
 
 // TestLargeTransactionBoundedMemory: one transaction of 100,000 events is
