@@ -4,8 +4,9 @@
 // once do not race. The applied versions are recorded per outbox table in
 // outbox_relay_migrations, so running migrate again changes nothing.
 //
-// The SQL is a template: {{table}}, {{unpublished_index}}, {{publication}}
-// are quoted identifiers and {{publication_literal}} a quoted literal, so
+// The SQL is a template: {{table}}, {{unpublished_index}}, {{publication}},
+// {{relay_seq_index}} and {{relay_seq_sequence}} are quoted identifiers and
+// {{publication_literal}} and {{relay_seq_sequence_literal}} quoted literals, so
 // RELAY_TABLE and RELAY_PUBLICATION never reach SQL unquoted.
 package migrations
 
@@ -62,13 +63,20 @@ func All() ([]Migration, error) {
 
 // Render fills the template for t.
 func (m Migration) Render(t Target) string {
-	index := t.Table + "_unpublished_idx"
-	if len(index) > 63 {
-		index = index[:63]
+	name := func(suffix string) string {
+		n := t.Table + suffix
+		if len(n) > 63 {
+			n = n[:63]
+		}
+		return n
 	}
+	seq := pgx.Identifier{t.Schema, name("_relay_seq_seq")}.Sanitize()
 	r := strings.NewReplacer(
 		"{{table}}", pgx.Identifier{t.Schema, t.Table}.Sanitize(),
-		"{{unpublished_index}}", pgx.Identifier{index}.Sanitize(),
+		"{{unpublished_index}}", pgx.Identifier{name("_unpublished_idx")}.Sanitize(),
+		"{{relay_seq_index}}", pgx.Identifier{name("_relay_seq_idx")}.Sanitize(),
+		"{{relay_seq_sequence}}", seq,
+		"{{relay_seq_sequence_literal}}", QuoteLiteral(seq),
 		"{{publication}}", pgx.Identifier{t.Publication}.Sanitize(),
 		"{{publication_literal}}", QuoteLiteral(t.Publication),
 	)

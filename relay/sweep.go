@@ -3,10 +3,12 @@ package relay
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/outbox-relay/outbox-relay/checkpoint"
 	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/migrations"
 )
@@ -14,29 +16,55 @@ import (
 // beginSweep opens a read-only transaction on the slot's exported snapshot.
 // Rows visible in it never come through the slot, so the unpublished ones
 // among them must be published from the table (invariant 7).
+//
+// The transaction sets its own limits: each statement is bounded by
+// RELAY_POSTGRES_TIMEOUT, but idling between FETCHes is not, since the
+// cursor waits on the pipeline, for as long as the broker takes. That
+// holds no more back than the sweep has to: the walsender that exported the
+// snapshot holds the same xmin horizon until START_REPLICATION. Timestamps
+// come out as pgoutput sends them, in ISO form and UTC.
 func (r *Relay) beginSweep(ctx context.Context, snapshot string) (pgx.Tx, error) {
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
+	defer cancel()
 	tx, err := r.opt.Pool.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
 	if err != nil {
 		return nil, classifyPg(fmt.Errorf("begin table sweep: %w", err))
 	}
-	if _, err := tx.Exec(ctx, `SET TRANSACTION SNAPSHOT `+migrations.QuoteLiteral(snapshot)); err != nil {
-		_ = tx.Rollback(ctx)
-		return nil, classifyPg(fmt.Errorf("import slot snapshot: %w", err))
+	for _, q := range []string{
+		`SET TRANSACTION SNAPSHOT ` + migrations.QuoteLiteral(snapshot),
+		`SET LOCAL idle_in_transaction_session_timeout = 0`,
+		`SET LOCAL TimeZone = 'UTC'`,
+		`SET LOCAL DateStyle = 'ISO, YMD'`,
+	} {
+		if _, err := tx.Exec(ctx, q); err != nil {
+			_ = tx.Rollback(context.Background())
+			return nil, classifyPg(fmt.Errorf("table sweep: %s: %w", q, err))
+		}
 	}
 	return tx, nil
 }
 
-// sweep feeds the unpublished rows of the snapshot into the pipeline, in
-// occurred_at order, with a cursor so that a backlog of millions of rows
-// takes bounded memory.
+// sweepQuery reads the unpublished rows in insert order (relay_seq), the
+// order the stream delivers them in within a transaction and across
+// transactions that write one aggregate under a lock. Rows written before
+// migration 004 have no relay_seq and come first, in occurred_at, id order.
+// Every value is read as text and turned into an event by the decoder's
+// rules, so a row the stream would dead-letter (occurred_at = infinity, a
+// NULL) is dead-lettered here too instead of failing the scan.
+func (r *Relay) sweepQuery() string {
+	return `DECLARE outbox_relay_sweep NO SCROLL CURSOR FOR
+		SELECT id::text, aggregate_type::text, aggregate_id::text, event_type::text, payload::text, occurred_at::text
+		FROM ` + r.tableIdent + ` WHERE published_at IS NULL
+		ORDER BY relay_seq NULLS FIRST, occurred_at, id`
+}
+
+// sweep feeds the unpublished rows of the snapshot into the pipeline with a
+// cursor, so that a backlog of millions of rows takes bounded memory.
 func (s *session) sweep(soft, ctx context.Context, tx pgx.Tx) error {
 	defer tx.Rollback(context.Background()) //nolint:errcheck // read-only
 	r := s.r
-	q := `DECLARE outbox_relay_sweep NO SCROLL CURSOR FOR
-		SELECT id::text, aggregate_type, aggregate_id::text, event_type, payload::text, occurred_at
-		FROM ` + r.tableIdent + ` WHERE published_at IS NULL ORDER BY occurred_at, id`
-	if _, err := tx.Exec(ctx, q); err != nil {
-		return classifyPg(fmt.Errorf("table sweep: %w", err))
+	if err := s.sweepExec(ctx, tx, r.sweepQuery()); err != nil {
+		return err
 	}
 	ctr := s.tracker.Begin()
 	closed := false
@@ -47,32 +75,13 @@ func (s *session) sweep(soft, ctx context.Context, tx pgx.Tx) error {
 	}()
 	total := 0
 	lastLog := time.Now()
+	fetch := maxSweepPage
 	for soft.Err() == nil {
-		rows, err := tx.Query(ctx, `FETCH 1000 FROM outbox_relay_sweep`)
+		n, bytes, err := s.sweepPage(ctx, tx, ctr, fetch)
 		if err != nil {
-			return classifyPg(fmt.Errorf("table sweep: %w", err))
+			return err
 		}
-		n := 0
-		for rows.Next() {
-			var ev decoder.Event
-			var payload string
-			if err := rows.Scan(&ev.ID, &ev.AggregateType, &ev.AggregateID, &ev.EventType, &payload, &ev.OccurredAt); err != nil {
-				rows.Close()
-				return classifyPg(fmt.Errorf("table sweep: %w", err))
-			}
-			ev.Payload = []byte(payload)
-			n++
-			s.tracker.Add(ctr)
-			// Not streaming yet: no status to send while the pipeline is full.
-			if err := s.send(ctx, &item{tx: ctr, sweep: true, ev: ev}, nil); err != nil {
-				rows.Close()
-				return err
-			}
-		}
-		rows.Close()
-		if err := rows.Err(); err != nil {
-			return classifyPg(fmt.Errorf("table sweep: %w", err))
-		}
+		fetch = nextSweepPage(fetch, n, bytes)
 		total += n
 		r.m.SweptEvents.Add(float64(n))
 		if n == 0 {
@@ -99,4 +108,67 @@ func (s *session) sweep(soft, ctx context.Context, tx pgx.Tx) error {
 	}
 	s.log.Warn().Int("rows", total).Msg("table sweep done: published the unpublished rows the slot will never deliver")
 	return nil
+}
+
+// sweepExec runs one statement of the sweep under RELAY_POSTGRES_TIMEOUT.
+func (s *session) sweepExec(ctx context.Context, tx pgx.Tx, q string) error {
+	qctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
+	defer cancel()
+	if _, err := tx.Exec(qctx, q); err != nil {
+		return classifyPg(fmt.Errorf("table sweep: %w", err))
+	}
+	return nil
+}
+
+// Pages of the sweep: up to maxSweepPage rows, fewer when rows are large,
+// so that one page holds about sweepPageBytes of payloads.
+const (
+	maxSweepPage   = 1000
+	sweepPageBytes = 4 << 20
+)
+
+// nextSweepPage sizes the next FETCH from the last page's payload bytes.
+func nextSweepPage(fetched, n, bytes int) int {
+	if n == 0 || bytes == 0 {
+		return fetched
+	}
+	return max(1, min(maxSweepPage, sweepPageBytes*n/bytes))
+}
+
+// sweepPage fetches up to fetch rows and hands them to the pipeline. The
+// rows are read in full before the first is handed on: the FETCH is bounded
+// by RELAY_POSTGRES_TIMEOUT, the wait for room in the pipeline is not.
+func (s *session) sweepPage(ctx context.Context, tx pgx.Tx, ctr *checkpoint.Tx, fetch int) (n, bytes int, err error) {
+	qctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
+	rows, err := tx.Query(qctx, `FETCH `+strconv.Itoa(fetch)+` FROM outbox_relay_sweep`)
+	if err != nil {
+		cancel()
+		return 0, 0, classifyPg(fmt.Errorf("table sweep: %w", err))
+	}
+	page := make([]decoder.Event, 0, fetch)
+	for rows.Next() {
+		var row decoder.Row
+		if err := rows.Scan(&row.ID, &row.AggregateType, &row.AggregateID, &row.EventType, &row.Payload, &row.OccurredAt); err != nil {
+			rows.Close()
+			cancel()
+			return 0, 0, classifyPg(fmt.Errorf("table sweep: %w", err))
+		}
+		ev := decoder.EventFromRow(row)
+		bytes += len(ev.Payload)
+		page = append(page, ev)
+	}
+	rows.Close()
+	cancel()
+	if err := rows.Err(); err != nil {
+		return 0, 0, classifyPg(fmt.Errorf("table sweep: %w", err))
+	}
+	for i := range page {
+		s.tracker.Add(ctr)
+		// Not streaming yet: no status to send while the pipeline is full.
+		if err := s.send(ctx, &item{tx: ctr, sweep: true, ev: page[i]}, nil); err != nil {
+			return 0, 0, err
+		}
+		page[i] = decoder.Event{} // the pipeline has it now
+	}
+	return len(page), bytes, nil
 }

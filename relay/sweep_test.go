@@ -1,0 +1,141 @@
+package relay
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+)
+
+// sweepRow is one row a sweep test writes with SQL of its own: any id, any
+// occurred_at.
+type sweepRow struct {
+	id, agg, occurredAt string // occurredAt: an SQL expression
+}
+
+// insertRows writes each transaction's rows in order, one INSERT each.
+func (e *env) insertRows(txs [][]sweepRow) {
+	e.t.Helper()
+	ctx := context.Background()
+	for _, rows := range txs {
+		tx, err := e.pool.Begin(ctx)
+		must(e.t, err)
+		for _, r := range rows {
+			_, err := tx.Exec(ctx, `INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload, occurred_at)
+				VALUES (`+r.id+`, 'order', $1, 'changed', '{}', `+r.occurredAt+`)`, r.agg)
+			must(e.t, err)
+		}
+		must(e.t, tx.Commit(ctx))
+	}
+}
+
+// TestSweepKeepsInsertOrder (invariant 3 on the sweep): the rows a new slot
+// will never deliver are published in the order they were written, per
+// aggregate and overall, whatever their ids (random v4, decreasing) and
+// whatever occurred_at holds (ties within a transaction, the past, the
+// future). Ordering by occurred_at, id reorders all of these.
+func TestSweepKeepsInsertOrder(t *testing.T) {
+	e := newEnv(t)
+	aggs := []string{
+		"20000000-0000-4000-8000-000000000001",
+		"20000000-0000-4000-8000-000000000002",
+		"20000000-0000-4000-8000-000000000003",
+	}
+	var txs [][]sweepRow
+	n := 0
+	for i := 0; i < 30; i++ {
+		var rows []sweepRow
+		for j := 0; j < 1+i%4; j++ {
+			n++
+			r := sweepRow{agg: aggs[(i+j)%len(aggs)], occurredAt: "now()"} // ties within the transaction
+			switch i % 3 {
+			case 0:
+				r.id = "gen_random_uuid()"
+			default:
+				// Decreasing ids.
+				r.id = fmt.Sprintf("'%08x-0000-4000-8000-000000000000'", 0xffffffff-n)
+			}
+			switch i % 5 {
+			case 1:
+				r.occurredAt = fmt.Sprintf("now() - interval '%d days'", 1000-i) // the past, increasing
+			case 2:
+				r.occurredAt = fmt.Sprintf("now() + interval '%d years'", 100-i) // the future, decreasing
+			case 3:
+				r.occurredAt = "'2000-01-01 00:00:00+00'" // equal across transactions
+			}
+			rows = append(rows, r)
+		}
+		txs = append(txs, rows)
+	}
+	e.insertRows(txs)
+	var want []string
+	rows, err := e.pool.Query(context.Background(), `SELECT id::text FROM outbox_events ORDER BY relay_seq`)
+	must(t, err)
+	for rows.Next() {
+		var id string
+		must(t, rows.Scan(&id))
+		want = append(want, id)
+	}
+	must(t, rows.Err())
+	if len(want) != n {
+		t.Fatalf("%d rows written, want %d", len(want), n)
+	}
+
+	r := e.start(nil)
+	r.waitStreaming(t)
+	e.waitReceived(n, 30*time.Second)
+	got := e.receivedIDs()
+	if len(got) != n {
+		t.Fatalf("received %d messages, want %d", len(got), n)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("swept message %d is %s, want %s (the insert order)", i, got[i], want[i])
+		}
+	}
+	waitFor(t, 10*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
+	r.stop(t)
+}
+
+// TestSweepDeadLettersWhatTheStreamWould (invariant 8 on the sweep): rows
+// whose occurred_at the stream dead-letters (infinity, -infinity, a BC
+// date) are dead-lettered and marked by the sweep too; they used to fail
+// the sweep's scan, and the relay never reached streaming.
+func TestSweepDeadLettersWhatTheStreamWould(t *testing.T) {
+	e := newEnv(t)
+	agg := "30000000-0000-4000-8000-000000000001"
+	poison := []string{"'infinity'", "'-infinity'", "'4713-01-01 00:00:00+00 BC'"}
+	var txs [][]sweepRow
+	var healthy []string
+	for i, at := range poison {
+		id := fmt.Sprintf("'00000000-0000-4000-8000-%012d'", 900+i)
+		txs = append(txs, []sweepRow{{id: id, agg: agg, occurredAt: at}})
+		ok := fmt.Sprintf("00000000-0000-4000-8000-%012d", 950+i)
+		healthy = append(healthy, ok)
+		txs = append(txs, []sweepRow{{id: "'" + ok + "'", agg: agg, occurredAt: "now()"}})
+	}
+	e.insertRows(txs)
+
+	r := e.start(nil)
+	r.waitStreaming(t)
+	after := newEvent("order", "created", `{}`)
+	e.insertTx([]event{after}, true, nil)
+	e.waitReceived(len(healthy)+1, 20*time.Second)
+	got := e.receivedIDs()
+	want := append(healthy, after.ID)
+	if strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Fatalf("received %v, want %v", got, want)
+	}
+	waitFor(t, 10*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
+	dead := e.dlq()
+	if len(dead) != len(poison) {
+		t.Fatalf("dead-letter queue has %d messages, want %d", len(dead), len(poison))
+	}
+	for _, d := range dead {
+		if reason, _ := d.Headers["x-outbox-reason"].(string); !strings.Contains(reason, "occurred_at") {
+			t.Fatalf("dead-letter reason for %s is %q, want one naming occurred_at", d.MessageId, reason)
+		}
+	}
+	r.stop(t)
+}
