@@ -35,8 +35,8 @@ type env struct {
 	// relayPool is the relay's, configured as `outbox-relay run` does
 	// (internal/pgsession): built on first start, with the bounds then set.
 	relayPool *pgxpool.Pool
-	amqp    *amqp.Connection
-	queue   string
+	amqp      *amqp.Connection
+	queue     string
 
 	mu       sync.Mutex
 	received []amqp.Delivery // only while keep is true
