@@ -53,6 +53,13 @@ type session struct {
 }
 
 func (r *Relay) session(ctx context.Context) error {
+	// Before the slot is even looked at: only its owner may drop, create,
+	// sweep or stream it.
+	own, err := r.claim(ctx)
+	if err != nil {
+		return err
+	}
+	defer own.release()
 	qctx, qcancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
 	si, err := r.preflight(qctx)
 	qcancel()
@@ -162,6 +169,15 @@ func (r *Relay) session(ctx context.Context) error {
 	if r.cfg.HeartbeatInterval > 0 {
 		g.Go(func() error { return s.heartbeat(ctx, gctx) })
 	}
+	g.Go(func() error {
+		select {
+		case <-own.Lost():
+			return fmt.Errorf("%w: the connection holding the slot's ownership lock ended", errDatabase)
+		case <-gctx.Done():
+		case <-s.drained:
+		}
+		return nil
+	})
 	err = g.Wait()
 	// Events the broker confirmed but nobody marked: the next session marks
 	// them instead of publishing them again. The confirmer closed the

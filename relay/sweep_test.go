@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/outbox-relay/outbox-relay/sink"
 )
 
 // sweepRow is one row a sweep test writes with SQL of its own: any id, any
@@ -138,4 +140,59 @@ func TestSweepDeadLettersWhatTheStreamWould(t *testing.T) {
 		}
 	}
 	r.stop(t)
+}
+
+// slowed publishes each message only after a pause: a sweep that takes
+// seconds.
+type slowed struct {
+	sink.Publisher
+	pause time.Duration
+}
+
+func (s slowed) Publish(ctx context.Context, m *sink.Message) (sink.Pending, error) {
+	time.Sleep(s.pause)
+	return s.Publisher.Publish(ctx, m)
+}
+
+// TestStandbyWaitsForTheSweepingOwner (invariant 10): a standby started
+// while the owner sweeps a backlog (its slot shows active = false the whole
+// time) neither drops, creates nor sweeps the slot: nothing is sent twice,
+// and after the owner stops the standby streams what follows, once.
+func TestStandbyWaitsForTheSweepingOwner(t *testing.T) {
+	e := newEnv(t)
+	e.keep = false
+	const n = 3000
+	_, err := e.pool.Exec(context.Background(), `INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
+		SELECT gen_random_uuid(), 'legacy', gen_random_uuid(), 'imported', '{}' FROM generate_series(1, $1)`, n)
+	must(t, err)
+	owner := e.start(func(p sink.Publisher) sink.Publisher { return slowed{p, 2 * time.Millisecond} })
+	waitFor(t, 20*time.Second, "the sweep to start", func() bool { return e.receivedCount() > 0 })
+	standby := e.start(nil)
+	waitFor(t, 10*time.Second, "the second relay to stand by", func() bool {
+		return strings.HasPrefix(standby.metrics.Ready(), "standby")
+	})
+	if got := e.receivedCount(); got >= n {
+		t.Fatalf("the sweep was over (%d events) before the standby started: the test proves nothing", got)
+	}
+	owner.waitStreaming(t)
+	waitFor(t, 30*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
+	after := newEvent("order", "created", `{}`)
+	e.insertTx([]event{after}, true, nil)
+	e.waitReceived(n+1, 20*time.Second)
+	owner.stop(t)
+	standby.waitStreaming(t)
+	last := newEvent("order", "paid", `{}`)
+	e.insertTx([]event{last}, true, nil)
+	e.waitReceived(n+2, 20*time.Second)
+	time.Sleep(300 * time.Millisecond)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for id, times := range e.ids {
+		if times != 1 {
+			t.Errorf("event %s received %d times", id, times)
+		}
+	}
+	if len(e.ids) != n+2 {
+		t.Fatalf("%d distinct events received, want %d", len(e.ids), n+2)
+	}
 }
