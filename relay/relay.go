@@ -122,8 +122,14 @@ func (r *Relay) Run(ctx context.Context) error {
 		dep := r.dependency(err)
 		r.m.Reconnects.WithLabelValues(dep).Inc()
 		wait := bo.next()
-		r.m.SetReady(false, "reconnecting: "+dep+": "+err.Error())
-		r.log.Error().Err(err).Str("dependency", dep).Dur("retry_in", wait).Msg("session failed; reconnecting")
+		why := "reconnecting: " + dep + ": " + err.Error()
+		ev := r.log.Error().Err(err).Str("dependency", dep).Dur("retry_in", wait)
+		if hint := settingHint(err, r.cfg); hint != "" {
+			why += " (" + hint + ")"
+			ev = ev.Str("fix", hint)
+		}
+		r.m.SetReady(false, why)
+		ev.Msg("session failed; reconnecting")
 		if !sleep(ctx, wait) {
 			return nil
 		}

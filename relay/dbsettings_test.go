@@ -1,0 +1,135 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outbox-relay/outbox-relay/internal/pgsession"
+	relaystatus "github.com/outbox-relay/outbox-relay/status"
+)
+
+// strictDBA sets on the test's database what a strict DBA might, for every
+// session that does not say otherwise, and gives the test a pool of its own
+// that does say otherwise (the test is the application here).
+func (e *env) strictDBA(settings map[string]string) {
+	e.t.Helper()
+	ctx := context.Background()
+	var db string
+	must(e.t, e.pool.QueryRow(ctx, `SELECT current_database()`).Scan(&db))
+	for k, v := range settings {
+		_, err := e.pool.Exec(ctx, `ALTER DATABASE `+pgx.Identifier{db}.Sanitize()+` SET `+k+` = '`+v+`'`)
+		must(e.t, err)
+	}
+	pc, err := pgxpool.ParseConfig(e.dbURL)
+	must(e.t, err)
+	for k := range settings {
+		pc.ConnConfig.RuntimeParams[k] = "default"
+	}
+	pc.ConnConfig.RuntimeParams["statement_timeout"] = "0"
+	pc.ConnConfig.RuntimeParams["idle_in_transaction_session_timeout"] = "0"
+	pc.ConnConfig.RuntimeParams["lock_timeout"] = "0"
+	pc.ConnConfig.RuntimeParams["default_transaction_read_only"] = "off"
+	pc.ConnConfig.RuntimeParams["default_transaction_isolation"] = "read committed"
+	pc.ConnConfig.RuntimeParams["idle_session_timeout"] = "0"
+	pc.ConnConfig.RuntimeParams["synchronous_commit"] = "on"
+	pool, err := pgxpool.NewWithConfig(ctx, pc)
+	must(e.t, err)
+	e.pool.Close()
+	e.pool = pool
+	e.t.Cleanup(pool.Close)
+}
+
+// TestDatabaseSettingsDoNotReachTheRelay (invariant 12): a database whose
+// defaults would cancel the sweep (statement_timeout), kill its cursor and
+// the marks' sessions (idle_in_transaction_session_timeout,
+// idle_session_timeout), time out the marks (lock_timeout), refuse the
+// marks (default_transaction_read_only) or make them fail on serialization
+// (serializable) still has its whole backlog and its new events delivered
+// in order and marked: the relay's sessions run under their own settings.
+// The relay used to loop forever: cancelled sweeps, recreated slots,
+// growing backoff, nothing delivered. `status` works there too.
+func TestDatabaseSettingsDoNotReachTheRelay(t *testing.T) {
+	e := newEnv(t)
+	e.keep = false
+	e.strictDBA(map[string]string{
+		"statement_timeout":                   "5ms",
+		"idle_in_transaction_session_timeout": "200ms",
+		"idle_session_timeout":                "1s",
+		"lock_timeout":                        "50ms",
+		"default_transaction_read_only":       "on",
+		"default_transaction_isolation":       "serializable",
+	})
+	ctx := context.Background()
+	// A backlog the slot will never deliver: one large transaction and many
+	// smaller ones, numbered in insert order.
+	insert := func(from, to int) {
+		_, err := e.pool.Exec(ctx, `INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
+			SELECT ('00000000-0000-4000-8000-' || lpad(i::text, 12, '0'))::uuid, 'bulk',
+				('10000000-0000-4000-8000-' || lpad((i % 5)::text, 12, '0'))::uuid, 'loaded', jsonb_build_object('i', i)
+			FROM generate_series($1::int, $2::int) AS i`, from, to)
+		must(t, err)
+	}
+	insert(1, 20000)
+	for i := 20001; i <= 30000; i += 2000 {
+		insert(i, i+1999)
+	}
+	const backlog = 30000
+	r := e.start(nil)
+	r.waitStreaming(t)
+	insert(backlog+1, backlog+100) // and through the stream
+	const n = backlog + 100
+	waitFor(t, 3*time.Minute, "every row marked", func() bool { return e.unpublished() == 0 })
+	e.waitReceived(n, 30*time.Second)
+	got := e.receivedIDs()
+	for i := 0; i < n; i++ {
+		if want := fmt.Sprintf("00000000-0000-4000-8000-%012d", i+1); got[i] != want {
+			t.Fatalf("message %d is %s, want %s", i, got[i], want)
+		}
+	}
+	if len(got) != n {
+		t.Fatalf("received %d messages, want %d", len(got), n)
+	}
+
+	// status, through a pool built as the binary builds it.
+	pc, err := pgsession.PoolConfig(e.dbURL, 1, pgsession.Bounds{Statement: 30 * time.Second})
+	must(t, err)
+	pool, err := pgxpool.NewWithConfig(ctx, pc)
+	must(t, err)
+	defer pool.Close()
+	rep, err := relaystatus.Gather(ctx, pool, e.cfg.Slot, e.cfg.Publication, "public", "outbox_events", 0)
+	if err != nil {
+		t.Fatalf("status under the strict settings: %v", err)
+	}
+	if rep.Unpublished != 0 {
+		t.Fatalf("status reports %d unpublished rows, want 0", rep.Unpublished)
+	}
+	r.stop(t)
+}
+
+// TestSettingHintNamesTheSetting: an error caused by a setting says which,
+// and what would work.
+func TestSettingHintNamesTheSetting(t *testing.T) {
+	e := newEnv(t)
+	e.cfg.PostgresTimeout = 200 * time.Millisecond
+	pc, err := pgsession.PoolConfig(e.dbURL, 1, pgsession.Bounds{Statement: e.cfg.PostgresTimeout})
+	must(t, err)
+	pool, err := pgxpool.NewWithConfig(context.Background(), pc)
+	must(t, err)
+	defer pool.Close()
+	_, err = pool.Exec(context.Background(), `SELECT pg_sleep(2)`)
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		t.Fatalf("pg_sleep(2) under a 200 ms bound: %v, want the server's statement timeout", err)
+	}
+	if hint := settingHint(classifyPg(err), e.cfg); !strings.Contains(hint, "statement_timeout") || !strings.Contains(hint, "RELAY_POSTGRES_TIMEOUT (200ms)") {
+		t.Fatalf("hint %q does not name statement_timeout and RELAY_POSTGRES_TIMEOUT's value", hint)
+	}
+}
