@@ -184,6 +184,8 @@ func (r *Relay) ids(ctx context.Context, what, q string, ids []string) ([]string
 // snapshot but whose row is not there: deleted after insert, so there is
 // nothing to mark. Rows of transactions not yet visible are kept waiting.
 func (s *session) deletedRows(ctx context.Context, ids []string, batch []*item) ([]string, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
+	defer cancel()
 	waiting := make(map[string]*item, len(batch))
 	for _, it := range batch {
 		waiting[it.ev.ID] = it

@@ -83,6 +83,8 @@ func (r *Relay) preflight(ctx context.Context) (slotInfo, error) {
 
 // dropSlot drops the relay's slot (lost, or its sweep never finished).
 func (r *Relay) dropSlot(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
+	defer cancel()
 	_, err := r.opt.Pool.Exec(ctx, `SELECT pg_drop_replication_slot($1)`, r.cfg.Slot)
 	if err != nil {
 		return classifyPg(fmt.Errorf("drop slot %q: %w", r.cfg.Slot, err))
@@ -106,6 +108,8 @@ func classifyPg(err error) error {
 
 // sweepPending reports whether the slot's table sweep never finished.
 func (r *Relay) sweepPending(ctx context.Context) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
+	defer cancel()
 	var pending bool
 	err := r.opt.Pool.QueryRow(ctx, `SELECT sweep_pending FROM outbox_relay_slot_state WHERE slot_name = $1`,
 		r.cfg.Slot).Scan(&pending)
@@ -120,6 +124,8 @@ func (r *Relay) sweepPending(ctx context.Context) (bool, error) {
 
 // setSweepPending records whether the slot's table sweep is outstanding.
 func (r *Relay) setSweepPending(ctx context.Context, pending bool) error {
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
+	defer cancel()
 	_, err := r.opt.Pool.Exec(ctx, `INSERT INTO outbox_relay_slot_state (slot_name, sweep_pending) VALUES ($1, $2)
 		ON CONFLICT (slot_name) DO UPDATE SET sweep_pending = excluded.sweep_pending, updated_at = now()`,
 		r.cfg.Slot, pending)
