@@ -133,3 +133,38 @@ func TestSettingHintNamesTheSetting(t *testing.T) {
 		t.Fatalf("hint %q does not name statement_timeout and RELAY_POSTGRES_TIMEOUT's value", hint)
 	}
 }
+
+// TestSlotCreationSaysWhatItWaitsFor (invariant 12: whatever it waits for,
+// it names): creating the slot waits for a transaction left open; /readyz
+// and status name that transaction while it does, and once it ends the
+// relay streams.
+func TestSlotCreationSaysWhatItWaitsFor(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	open, err := e.pool.Begin(ctx)
+	must(t, err)
+	defer open.Rollback(ctx) //nolint:errcheck // committed below unless the test fails
+	_, err = open.Exec(ctx, `INSERT INTO other (v) VALUES ('holds a transaction id')`)
+	must(t, err)
+	var pid int32
+	must(t, open.QueryRow(ctx, `SELECT pg_backend_pid()`).Scan(&pid))
+	want := fmt.Sprintf("pid %d ", pid)
+
+	r := e.start(nil)
+	waitFor(t, 20*time.Second, "/readyz to name the open transaction", func() bool {
+		return strings.Contains(r.metrics.Ready(), want)
+	})
+	t.Logf("/readyz: %s", r.metrics.Ready())
+	rep, err := relaystatus.Gather(ctx, e.pool, e.cfg.Slot, e.cfg.Publication, "public", "outbox_events", 0)
+	must(t, err)
+	named := false
+	for _, b := range rep.SlotCreationWaitsFor {
+		named = named || b.PID == pid
+	}
+	if !named {
+		t.Fatalf("status lists %v as what slot creation waits for, want pid %d among them", rep.SlotCreationWaitsFor, pid)
+	}
+	must(t, open.Commit(ctx))
+	r.waitStreaming(t)
+	r.stop(t)
+}

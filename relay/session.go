@@ -118,7 +118,9 @@ func (r *Relay) session(ctx context.Context) error {
 		if err := r.setSweepPending(ctx, true); err != nil {
 			return err
 		}
+		watched := r.watchSlotCreation(ctx, conn.PID())
 		created, err := conn.CreateSlot(ctx, r.cfg.Slot)
+		watched()
 		switch {
 		case replication.HasCode(err, replication.CodeDuplicateObject):
 			return errStandby // another relay created it just now

@@ -211,6 +211,9 @@ func (c *Conn) SendStatus(pos pglogrepl.LSN, replyRequested bool) error {
 	return nil
 }
 
+// PID is the backend process id of the connection's walsender.
+func (c *Conn) PID() uint32 { return c.pg.PID() }
+
 // Close closes the connection.
 func (c *Conn) Close(ctx context.Context) error {
 	return c.pg.Close(ctx)

@@ -36,7 +36,11 @@ type Report struct {
 	Unpublished        int64    `json:"unpublished_rows"`
 	OldestUnpublishedS *float64 `json:"oldest_unpublished_age_seconds"`
 	CurrentWALLSN      string   `json:"current_wal_lsn"`
-	Problems           []string `json:"problems"`
+	// SlotCreationWaitsFor lists, while the slot is being created (it
+	// exists with no confirmed position yet), the transactions its creation
+	// waits for.
+	SlotCreationWaitsFor []Blocker `json:"slot_creation_waits_for,omitempty"`
+	Problems             []string  `json:"problems"`
 }
 
 // Gather reads the report. stuckAfter > 0 flags an oldest unpublished row
@@ -55,6 +59,18 @@ func Gather(ctx context.Context, pool *pgxpool.Pool, slot, publication, schema, 
 		return nil, fmt.Errorf("read pg_replication_slots: %w", err)
 	default:
 		rep.Slot.Exists = true
+		if rep.Slot.ConfirmedFlushLSN == nil {
+			var walsender uint32
+			if rep.Slot.ActivePID != nil {
+				walsender = uint32(*rep.Slot.ActivePID)
+			}
+			bs, err := Blockers(ctx, pool, walsender)
+			if err != nil {
+				return nil, err
+			}
+			rep.SlotCreationWaitsFor = bs
+			rep.Problems = append(rep.Problems, fmt.Sprintf("slot %q is being created, %s", slot, DescribeBlockers(bs)))
+		}
 		if rep.Slot.WALStatus != nil && *rep.Slot.WALStatus == "lost" {
 			rep.Problems = append(rep.Problems, fmt.Sprintf("slot %q is lost: its WAL was removed; the relay will recreate it and sweep the table", slot))
 		}
@@ -108,6 +124,9 @@ func (r *Report) WriteText(w io.Writer) error {
 		}
 		fmt.Fprintf(tw, "  wal retained\t%s\n", retained)
 		fmt.Fprintf(tw, "  wal_status\t%s\n", str(r.Slot.WALStatus))
+		for _, b := range r.SlotCreationWaitsFor {
+			fmt.Fprintf(tw, "  creation waits for\t%s\n", b)
+		}
 	} else {
 		fmt.Fprintf(tw, "  exists\tno\n")
 	}
