@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -195,4 +197,49 @@ func TestStandbyWaitsForTheSweepingOwner(t *testing.T) {
 	if len(e.ids) != n+2 {
 		t.Fatalf("%d distinct events received, want %d", len(e.ids), n+2)
 	}
+}
+
+// TestUnroutableRetryHoldsTheStreamBehindTheWindow pins what
+// RELAY_UNROUTABLE=retry does: events already published behind the
+// unroutable one (at most RELAY_PUBLISH_WINDOW + 1) reach their queues
+// before it, then nothing more is published until a queue is bound for it;
+// then it arrives, and everything behind it, and every row is marked.
+func TestUnroutableRetryHoldsTheStreamBehindTheWindow(t *testing.T) {
+	e := newEnv(t)
+	e.cfg.Unroutable = "retry"
+	e.cfg.PublishWindow = 3
+	ch, err := e.amqp.Channel()
+	must(t, err)
+	must(t, ch.QueueUnbind(e.queue, "#", e.cfg.Exchange, nil))
+	must(t, ch.QueueBind(e.queue, "order.*", e.cfg.Exchange, false, nil))
+	r := e.start(nil)
+	r.waitStreaming(t)
+	held := newEvent("invoice", "created", `{}`)
+	e.insertTx([]event{held}, true, nil)
+	var behind []event
+	for i := 0; i < 20; i++ {
+		ev := newEvent("order", "created", fmt.Sprintf(`{"i":%d}`, i))
+		behind = append(behind, ev)
+		e.insertTx([]event{ev}, true, nil)
+	}
+	waitFor(t, 10*time.Second, "the retries to begin", func() bool {
+		return testutil.ToFloat64(r.metrics.Retries.WithLabelValues("rabbitmq", "unroutable")) > 0
+	})
+	time.Sleep(time.Second) // whatever more would pass, passes now
+	passed := e.receivedCount()
+	if passed > e.cfg.PublishWindow+1 {
+		t.Fatalf("%d events delivered behind the held one, want at most RELAY_PUBLISH_WINDOW + 1 = %d",
+			passed, e.cfg.PublishWindow+1)
+	}
+	if e.unpublished() != len(behind)+1 {
+		t.Fatalf("%d rows unpublished while the stream is held, want all %d", e.unpublished(), len(behind)+1)
+	}
+	must(t, ch.QueueBind(e.queue, "invoice.*", e.cfg.Exchange, false, nil))
+	e.waitReceived(len(behind)+1, 30*time.Second)
+	got := e.receivedIDs()
+	if got[passed] != held.ID {
+		t.Fatalf("message %d is %s, want the held event once its queue was bound", passed, got[passed])
+	}
+	waitFor(t, 10*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
+	r.stop(t)
 }
