@@ -35,6 +35,7 @@ type Metrics struct {
 	Standby          prometheus.Gauge
 	SweptEvents      prometheus.Counter
 	SlotWALRetained  prometheus.Gauge
+	SlotSafeWAL      prometheus.Gauge
 	Unpublished      prometheus.Gauge
 	OldestUnpublishd prometheus.Gauge
 
@@ -81,13 +82,15 @@ func New() *Metrics {
 		Help: "Unpublished rows found in the table (not in the stream) and published."})
 	m.SlotWALRetained = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_slot_wal_retained_bytes",
 		Help: "WAL the slot holds back (current WAL LSN minus the slot's restart_lsn)."})
+	m.SlotSafeWAL = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_slot_safe_wal_bytes",
+		Help: "WAL that can still be written before the slot is lost to max_slot_wal_keep_size (pg_replication_slots.safe_wal_size); -1 when no limit is set."})
 	m.Unpublished = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_unpublished_rows",
 		Help: "Rows with published_at IS NULL."})
 	m.OldestUnpublishd = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_oldest_unpublished_age_seconds",
 		Help: "Age of the oldest unpublished row."})
 	for _, c := range []prometheus.Collector{m.EventsPublished, m.EventsSkipped, m.DeadLettered, m.ReplicationLag,
 		m.AckedLSN, m.ReceivedLSN, m.ServerWALEnd, m.ConfirmSeconds, m.DeliverySeconds, m.MarkSeconds, m.StreamDelay, m.Reconnects,
-		m.Retries, m.Standby, m.SweptEvents, m.SlotWALRetained, m.Unpublished, m.OldestUnpublishd} {
+		m.Retries, m.Standby, m.SweptEvents, m.SlotWALRetained, m.SlotSafeWAL, m.Unpublished, m.OldestUnpublishd} {
 		f(c)
 	}
 	return m

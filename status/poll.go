@@ -27,8 +27,22 @@ func Poll(ctx context.Context, db querier, slot, schema, table string, m *metric
 	tick := time.NewTicker(every)
 	defer tick.Stop()
 	failing := false
+	atRisk := false
 	for {
-		err := PollOnce(ctx, db, slot, schema, table, m)
+		walStatus, err := pollOnce(ctx, db, slot, schema, table, m)
+		// Say once, before the slot is lost, that it is about to be:
+		// max_slot_wal_keep_size is reached while the relay lags or is
+		// stopped, and the WAL it needs goes at the next checkpoint.
+		if risky := walStatus == "unreserved"; risky != atRisk {
+			atRisk = risky
+			if risky {
+				log.Error().Str("slot", slot).Msg("the slot's WAL is past max_slot_wal_keep_size (wal_status unreserved): " +
+					"it will be lost at the next checkpoint unless the relay catches up; the table sweep then recovers " +
+					"its unpublished rows; raise max_slot_wal_keep_size or find what slows the relay")
+			} else {
+				log.Info().Str("slot", slot).Msg("the slot's WAL is within max_slot_wal_keep_size again")
+			}
+		}
 		switch {
 		case ctx.Err() != nil:
 			return
@@ -49,22 +63,33 @@ func Poll(ctx context.Context, db querier, slot, schema, table string, m *metric
 	}
 }
 
-// PollOnce reads the slot's retained WAL and the unpublished rows in one
-// query and sets the gauges. A slot that does not exist retains no WAL.
+// PollOnce reads the slot's retained WAL and safe WAL size and the
+// unpublished rows in one query and sets the gauges. A slot that does not
+// exist retains no WAL.
 func PollOnce(ctx context.Context, db querier, slot, schema, table string, m *metrics.Metrics) error {
-	q := `SELECT
-			coalesce((SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
-				FROM pg_replication_slots WHERE slot_name = $1), 0),
+	_, err := pollOnce(ctx, db, slot, schema, table, m)
+	return err
+}
+
+func pollOnce(ctx context.Context, db querier, slot, schema, table string, m *metrics.Metrics) (walStatus string, err error) {
+	q := `WITH s AS (SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained,
+				safe_wal_size, wal_status
+			FROM pg_replication_slots WHERE slot_name = $1)
+		SELECT
+			coalesce((SELECT retained FROM s), 0),
+			coalesce((SELECT safe_wal_size FROM s), -1),
+			coalesce((SELECT wal_status FROM s), ''),
 			count(*),
 			coalesce(extract(epoch FROM now() - min(occurred_at)), 0)::float8
 		FROM ` + pgx.Identifier{schema, table}.Sanitize() + ` WHERE published_at IS NULL`
-	var retained, unpublished int64
+	var retained, safe, unpublished int64
 	var oldest float64
-	if err := db.QueryRow(ctx, q, slot).Scan(&retained, &unpublished, &oldest); err != nil {
-		return fmt.Errorf("poll slot %q and %s.%s: %w", slot, schema, table, err)
+	if err := db.QueryRow(ctx, q, slot).Scan(&retained, &safe, &walStatus, &unpublished, &oldest); err != nil {
+		return "", fmt.Errorf("poll slot %q and %s.%s: %w", slot, schema, table, err)
 	}
 	m.SlotWALRetained.Set(float64(retained))
+	m.SlotSafeWAL.Set(float64(safe))
 	m.Unpublished.Set(float64(unpublished))
 	m.OldestUnpublishd.Set(oldest)
-	return nil
+	return walStatus, nil
 }

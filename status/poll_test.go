@@ -75,6 +75,13 @@ func TestPollSetsTheDatabaseGauges(t *testing.T) {
 	if r := gauge(m.SlotWALRetained); r <= 0 {
 		t.Errorf("WAL retained %v, want > 0 after writes past the slot's restart_lsn", r)
 	}
+	var limit string
+	if err := pool.QueryRow(t.Context(), `SHOW max_slot_wal_keep_size`).Scan(&limit); err != nil {
+		t.Fatal(err)
+	}
+	if s := gauge(m.SlotSafeWAL); (limit == "-1") != (s == -1) {
+		t.Errorf("safe WAL gauge %v with max_slot_wal_keep_size = %s: want -1 exactly when there is no limit", s, limit)
+	}
 }
 
 func TestPollOnceFailsOnAMissingTable(t *testing.T) {

@@ -25,6 +25,9 @@ type Slot struct {
 	RestartLSN        *string `json:"restart_lsn"`
 	WALRetainedBytes  *int64  `json:"wal_retained_bytes"`
 	WALStatus         *string `json:"wal_status"`
+	// SafeWALBytes is how much more WAL can be written before the slot is
+	// lost to max_slot_wal_keep_size; nil when no limit is set.
+	SafeWALBytes *int64 `json:"safe_wal_size_bytes"`
 }
 
 // Report is the status of one relay's slot, publication and table.
@@ -48,10 +51,10 @@ type Report struct {
 func Gather(ctx context.Context, pool *pgxpool.Pool, slot, publication, schema, table string, stuckAfter time.Duration) (*Report, error) {
 	rep := &Report{Slot: Slot{Name: slot}, Publication: publication, Table: schema + "." + table, Problems: []string{}}
 	err := pool.QueryRow(ctx, `SELECT active, active_pid, confirmed_flush_lsn::text, restart_lsn::text,
-			pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, wal_status
+			pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, wal_status, safe_wal_size
 		FROM pg_replication_slots WHERE slot_name = $1`, slot).
 		Scan(&rep.Slot.Active, &rep.Slot.ActivePID, &rep.Slot.ConfirmedFlushLSN, &rep.Slot.RestartLSN,
-			&rep.Slot.WALRetainedBytes, &rep.Slot.WALStatus)
+			&rep.Slot.WALRetainedBytes, &rep.Slot.WALStatus, &rep.Slot.SafeWALBytes)
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
 		rep.Problems = append(rep.Problems, fmt.Sprintf("slot %q does not exist (the relay creates it on start)", slot))
@@ -70,6 +73,14 @@ func Gather(ctx context.Context, pool *pgxpool.Pool, slot, publication, schema, 
 			}
 			rep.SlotCreationWaitsFor = bs
 			rep.Problems = append(rep.Problems, fmt.Sprintf("slot %q is being created, %s", slot, DescribeBlockers(bs)))
+		}
+		if rep.Slot.WALStatus != nil && *rep.Slot.WALStatus == "unreserved" {
+			safe := "-"
+			if rep.Slot.SafeWALBytes != nil {
+				safe = humanBytes(*rep.Slot.SafeWALBytes)
+			}
+			rep.Problems = append(rep.Problems, fmt.Sprintf("slot %q is past max_slot_wal_keep_size (wal_status unreserved, "+
+				"safe_wal_size %s): it is lost at the next checkpoint unless the relay catches up", slot, safe))
 		}
 		if rep.Slot.WALStatus != nil && *rep.Slot.WALStatus == "lost" {
 			rep.Problems = append(rep.Problems, fmt.Sprintf("slot %q is lost: its WAL was removed; the relay will recreate it and sweep the table", slot))
@@ -124,6 +135,11 @@ func (r *Report) WriteText(w io.Writer) error {
 		}
 		fmt.Fprintf(tw, "  wal retained\t%s\n", retained)
 		fmt.Fprintf(tw, "  wal_status\t%s\n", str(r.Slot.WALStatus))
+		safe := "no limit (max_slot_wal_keep_size = -1)"
+		if r.Slot.SafeWALBytes != nil {
+			safe = humanBytes(*r.Slot.SafeWALBytes)
+		}
+		fmt.Fprintf(tw, "  safe_wal_size\t%s\n", safe)
 		for _, b := range r.SlotCreationWaitsFor {
 			fmt.Fprintf(tw, "  creation waits for\t%s\n", b)
 		}
