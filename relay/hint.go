@@ -38,6 +38,10 @@ func settingHint(err error, cfg *config.Config) string {
 		return "max_connections, or the role's CONNECTION LIMIT, is reached: the relay needs up to 7 connections " +
 			"(a replication connection, its ownership lock, a pool of up to 4, and `status` 1); max_wal_senders and " +
 			"max_replication_slots must leave room for its walsender and slot too"
+	case pgerrcode.ProtocolViolation, pgerrcode.FeatureNotSupported:
+		return "the server refused the relay's protocol: a connection pooler such as PgBouncer between the relay and " +
+			"PostgreSQL cannot carry a replication connection, nor hold the session-level lock that makes one relay the " +
+			"slot's owner; point RELAY_DATABASE_URL at PostgreSQL itself"
 	case pgerrcode.ConfigurationLimitExceeded:
 		return "a server limit is reached (max_wal_senders or max_replication_slots, most likely): raise it, or drop " +
 			"replication slots nobody uses (pg_replication_slots)"
