@@ -13,6 +13,10 @@ import (
 // relay's slot (preflight refuses a slot of another database).
 const ownerLockClass = 7340212
 
+// ownerApplicationName names the lock's session in pg_stat_activity; its
+// lock is in pg_locks (locktype advisory, classid 7340212).
+const ownerApplicationName = "outbox-relay slot owner"
+
 // owner is a relay's claim on its slot (invariant 10): a session-level
 // advisory lock, held on a connection of its own for as long as the
 // session lives, taken before the slot is looked at. The slot's own
@@ -33,7 +37,7 @@ type owner struct {
 // holds it.
 func (r *Relay) claim(ctx context.Context) (*owner, error) {
 	cfg := r.opt.Pool.Config().ConnConfig.Copy()
-	cfg.RuntimeParams["application_name"] = "outbox-relay owner " + r.cfg.Slot
+	cfg.RuntimeParams["application_name"] = ownerApplicationName
 	qctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
 	defer cancel()
 	conn, err := pgx.ConnectConfig(qctx, cfg)

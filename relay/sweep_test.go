@@ -288,3 +288,26 @@ func TestOddPayloadsOnBothPaths(t *testing.T) {
 	waitFor(t, 10*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
 	r.stop(t)
 }
+
+// TestLosingTheOwnerLockEndsTheSession: when the connection that holds the
+// slot's ownership lock ends, the relay may no longer be the only owner;
+// its session ends, and the next one takes the lock again and streams.
+func TestLosingTheOwnerLockEndsTheSession(t *testing.T) {
+	e := newEnv(t)
+	r := e.start(nil)
+	r.waitStreaming(t)
+	var ended bool
+	must(t, e.pool.QueryRow(context.Background(), `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+		WHERE application_name = $1 AND datname = current_database()`, ownerApplicationName).Scan(&ended))
+	if !ended {
+		t.Fatal("no session holds the slot's ownership lock")
+	}
+	waitFor(t, 10*time.Second, "the session to end", func() bool {
+		return testutil.ToFloat64(r.metrics.Reconnects.WithLabelValues("postgres")) > 0
+	})
+	r.waitStreaming(t)
+	ev := newEvent("order", "created", `{}`)
+	e.insertTx([]event{ev}, true, nil)
+	e.waitReceived(1, 20*time.Second)
+	r.stop(t)
+}
