@@ -168,3 +168,30 @@ func TestSlotCreationSaysWhatItWaitsFor(t *testing.T) {
 	r.waitStreaming(t)
 	r.stop(t)
 }
+
+// TestStopWhileSlotCreationWaits (invariant 11): a stop while
+// CREATE_REPLICATION_SLOT waits for an open transaction ends Run at once;
+// the creation is cancelled on the server and leaves no slot behind.
+func TestStopWhileSlotCreationWaits(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	open, err := e.pool.Begin(ctx)
+	must(t, err)
+	defer open.Rollback(ctx) //nolint:errcheck // rolled back at the end
+	_, err = open.Exec(ctx, `INSERT INTO other (v) VALUES ('holds a transaction id')`)
+	must(t, err)
+	r := e.start(nil)
+	waitFor(t, 20*time.Second, "slot creation to wait", func() bool {
+		return strings.HasPrefix(r.metrics.Ready(), "creating replication slot")
+	})
+	began := time.Now()
+	r.stop(t)
+	if took := time.Since(began); took > 5*time.Second {
+		t.Fatalf("Run took %s to return after the stop", took)
+	}
+	waitFor(t, 10*time.Second, "the cancelled creation to leave no slot", func() bool {
+		var n int
+		must(t, e.pool.QueryRow(ctx, `SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1`, e.cfg.Slot).Scan(&n))
+		return n == 0
+	})
+}
