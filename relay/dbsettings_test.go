@@ -195,3 +195,22 @@ func TestStopWhileSlotCreationWaits(t *testing.T) {
 		return n == 0
 	})
 }
+
+// TestTableWithoutRelaySeqSaysRunMigrate: a table not migrated to version
+// 4 stops the relay before it streams with an error that says what to run,
+// rather than a sweep that fails on every new slot.
+func TestTableWithoutRelaySeqSaysRunMigrate(t *testing.T) {
+	e := newEnv(t)
+	_, err := e.pool.Exec(context.Background(), `ALTER TABLE outbox_events DROP COLUMN relay_seq`)
+	must(t, err)
+	r := e.start(nil)
+	select {
+	case err := <-r.done:
+		r.done <- nil
+		if !errors.Is(err, ErrMisconfigured) || !strings.Contains(err.Error(), "outbox-relay migrate") {
+			t.Fatalf("Run returned %v, want a misconfiguration that says to run outbox-relay migrate", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the relay did not stop on a table without relay_seq")
+	}
+}
