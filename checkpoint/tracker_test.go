@@ -153,3 +153,93 @@ func BenchmarkTransaction(b *testing.B) {
 		tr.Finish(tx, 1)
 	}
 }
+
+// TestEmptyTransactionsBehindStuckHead is a server before PostgreSQL 15,
+// which sends BEGIN and COMMIT for every transaction in the database: while
+// one event is unconfirmed, a busy database must not grow the tracker by an
+// entry per transaction.
+func TestEmptyTransactionsBehindStuckHead(t *testing.T) {
+	tr := New(10)
+	head := tr.Begin()
+	tr.Add(head)
+	tr.Close(head, 20)
+	const empty = 1_000_000
+	end := pglogrepl.LSN(20)
+	for i := 0; i < empty; i++ {
+		end += 10
+		tx := tr.Begin()
+		tr.Close(tx, end)
+		if n := tr.InFlight(); n > 2 {
+			t.Fatalf("after %d empty transactions behind an unfinished one the tracker holds %d entries, want at most 2", i+1, n)
+		}
+	}
+	if got := tr.Done(); got != 10 {
+		t.Fatalf("done = %s, passed the unfinished transaction", got)
+	}
+	tr.Finish(head, 1)
+	if got := tr.Done(); got != end {
+		t.Fatalf("done = %s, want %s (the end of the last empty transaction)", got, end)
+	}
+	if n := tr.InFlight(); n != 0 {
+		t.Fatalf("%d entries in flight once everything is done", n)
+	}
+}
+
+// TestEmptyTransactionsBetweenStuckOnes: the tracker's size is bounded by
+// the transactions with events, whatever number of empty ones lie between
+// them, and done stops at the right one.
+func TestEmptyTransactionsBetweenStuckOnes(t *testing.T) {
+	tr := New(0)
+	var txs []*Tx
+	var lastEmptyEnd []pglogrepl.LSN // end of the last empty transaction after txs[i]
+	end := pglogrepl.LSN(0)
+	for i := 0; i < 100; i++ {
+		tx := tr.Begin()
+		tr.Add(tx)
+		end += 10
+		tr.Close(tx, end)
+		txs = append(txs, tx)
+		for j := 0; j < 1000; j++ {
+			end += 10
+			tr.Close(tr.Begin(), end)
+		}
+		lastEmptyEnd = append(lastEmptyEnd, end)
+	}
+	if n := tr.InFlight(); n > len(txs)+1 {
+		t.Fatalf("tracker holds %d entries for %d transactions with events", n, len(txs))
+	}
+	// Finish from the back: done must not move until the first one is done.
+	for i := len(txs) - 1; i > 0; i-- {
+		tr.Finish(txs[i], 1)
+		if got := tr.Done(); got != 0 {
+			t.Fatalf("done = %s with the first transaction unfinished", got)
+		}
+	}
+	tr.Finish(txs[0], 1)
+	if got, want := tr.Done(), lastEmptyEnd[len(lastEmptyEnd)-1]; got != want {
+		t.Fatalf("done = %s, want %s", got, want)
+	}
+}
+
+// TestEmptyTransactionsInOrder: done stops before an unfinished transaction
+// and moves to the end of the empty transactions after each finished one.
+func TestEmptyTransactionsInOrder(t *testing.T) {
+	tr := New(0)
+	a := tr.Begin()
+	tr.Add(a)
+	tr.Close(a, 10)
+	tr.Close(tr.Begin(), 20)
+	tr.Close(tr.Begin(), 30)
+	b := tr.Begin()
+	tr.Add(b)
+	tr.Close(b, 40)
+	tr.Close(tr.Begin(), 50)
+	tr.Finish(a, 1)
+	if got := tr.Done(); got != 30 {
+		t.Fatalf("done = %s, want 30 (the empty transactions after the first, not past the second)", got)
+	}
+	tr.Finish(b, 1)
+	if got := tr.Done(); got != 50 {
+		t.Fatalf("done = %s, want 50", got)
+	}
+}

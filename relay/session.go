@@ -297,6 +297,9 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 		}
 		switch m.Kind {
 		case decoder.KindBegin:
+			// Open it now, not at its first event: an open transaction keeps
+			// AdvanceIdle from moving past it on a keepalive mid-transaction.
+			// The tracker folds the empty ones away at Close.
 			tx, xid, committed = s.tracker.Begin(), m.Begin.Xid, m.Begin.CommitTime
 		case decoder.KindEvent:
 			// The decoder refuses an insert or commit outside a
