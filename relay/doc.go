@@ -32,7 +32,9 @@
 // acknowledged. Few duplicates (4): on replay, rows already marked are
 // skipped (checked in batches until the first unmarked row, since marks
 // follow stream order), and ids confirmed but not marked when a session
-// failed are carried to the next one and only marked. Published twice:
+// failed (in the marker's batch, even one it was still filling, on their
+// way to it, or in the confirmer's hand-over) are carried to the next one
+// and only marked. Published twice:
 // events confirmed but unmarked when the process died, and events not yet
 // confirmed when the broker connection failed; message_id lets consumers
 // drop them.

@@ -193,6 +193,7 @@ func (s *session) confirm(ctx context.Context) error {
 			}
 		}
 		if err := forward(ctx, s.confirmed, it); err != nil {
+			s.unforwarded = it // confirmed: carried over, not published again
 			return err
 		}
 	}

@@ -47,9 +47,13 @@ type session struct {
 	streaming bool     // START_REPLICATION succeeded; only the reader touches it
 	filtering bool     // replayed rows may already be marked; see filterPublished
 	retry     *backoff // shared by the confirmer's republishes
-	unmarked  []*item  // the marker's batch when a mark failed
-	serverEnd pglogrepl.LSN
-	lastHeard time.Time // last message from the server
+	unmarked  []*item  // the marker's batch when a mark failed or was cut short
+	// unforwarded is the confirmer's item when its hand-over to the marker
+	// was cut short. Each goroutine writes its own field; session reads
+	// both after g.Wait.
+	unforwarded *item
+	serverEnd   pglogrepl.LSN
+	lastHeard   time.Time // last message from the server
 }
 
 func (r *Relay) session(ctx context.Context) error {
@@ -163,16 +167,25 @@ func (r *Relay) session(ctx context.Context) error {
 		g.Go(func() error { return s.heartbeat(ctx, gctx) })
 	}
 	err = g.Wait()
-	// Events the broker confirmed but nobody marked: the next session marks
-	// them instead of publishing them again. The confirmer closed the
-	// channel when it stopped, so this ends.
+	s.carryConfirmed()
+	return err
+}
+
+// carryConfirmed hands the events the broker confirmed but nobody marked
+// to the next session, which marks them instead of publishing them again:
+// the marker's batch, the one the confirmer was handing over, and those
+// between them. Call it after the pipeline's goroutines have returned.
+func (s *session) carryConfirmed() {
 	for _, it := range s.unmarked {
 		s.carry(it)
 	}
+	if s.unforwarded != nil {
+		s.carry(s.unforwarded)
+	}
+	// The confirmer closed the channel when it stopped, so this ends.
 	for it := range s.confirmed {
 		s.carry(it)
 	}
-	return err
 }
 
 // read owns the replication connection for the whole session. When it
