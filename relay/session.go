@@ -29,6 +29,7 @@ type item struct {
 	dead    string // dead-letter with this reason instead of publishing
 	skip    bool   // already published: neither publish nor mark
 	carried bool   // confirmed in an earlier session: mark, do not publish
+	bytes   int64  // payload bytes acquired from the session's budget
 }
 
 // session is one connected run of the pipeline.
@@ -43,6 +44,7 @@ type session struct {
 	pending   chan *item
 	confirmed chan *item
 	drained   chan struct{}
+	inflight  *budget // payload bytes between the reader and the confirmer
 
 	streaming bool     // START_REPLICATION succeeded; only the reader touches it
 	filtering bool     // replayed rows may already be marked; see filterPublished
@@ -140,6 +142,7 @@ func (r *Relay) session(ctx context.Context) error {
 		pending:   make(chan *item, r.cfg.PublishWindow),
 		confirmed: make(chan *item, r.cfg.MarkBatchSize*2),
 		drained:   make(chan struct{}),
+		inflight:  newBudget(int64(r.cfg.MaxInflightBytes)),
 		filtering: true,
 		retry:     newBackoff(r.cfg.BackoffMin, r.cfg.BackoffMax),
 	}
@@ -341,38 +344,60 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 	}
 }
 
-// send hands an item to the publisher. While the pipeline is full it keeps
-// the server informed, so a slow broker never trips wal_sender_timeout;
-// nextStatus is nil before streaming starts (the table sweep), when there
-// is no stream to keep alive.
+// send hands an item to the publisher once its payload fits in the
+// in-flight budget (RELAY_MAX_INFLIGHT_BYTES). While it waits, for bytes or
+// for room in the channel, it keeps the server informed, so a slow broker
+// never trips wal_sender_timeout; nextStatus is nil before streaming starts
+// (the table sweep), when there is no stream to keep alive.
 func (s *session) send(ctx context.Context, it *item, nextStatus *time.Time) error {
-	select {
-	case s.items <- it:
-		return nil
-	default:
-	}
-	if nextStatus == nil {
-		return forward(ctx, s.items, it)
-	}
-	for {
-		wait := time.Until(*nextStatus)
-		if wait <= 0 {
-			if err := s.sendStatus(false); err != nil {
-				return err
-			}
-			*nextStatus = time.Now().Add(s.r.cfg.StatusInterval)
-			continue
-		}
-		t := time.NewTimer(wait)
+	it.bytes = int64(len(it.ev.Payload))
+	acquired, room := s.inflight.acquire(it.bytes)
+	if acquired {
 		select {
 		case s.items <- it:
-			t.Stop()
 			return nil
-		case <-t.C:
+		default:
+		}
+	}
+	for {
+		// Until the bytes are acquired the item must not enter the
+		// pipeline; after, room is nil and only the channel is waited for.
+		var out chan<- *item
+		if acquired {
+			out = s.items
+		}
+		var tick <-chan time.Time
+		var t *time.Timer
+		if nextStatus != nil {
+			wait := time.Until(*nextStatus)
+			if wait <= 0 {
+				if err := s.sendStatus(false); err != nil {
+					return err
+				}
+				*nextStatus = time.Now().Add(s.r.cfg.StatusInterval)
+				continue
+			}
+			t = time.NewTimer(wait)
+			tick = t.C
+		}
+		select {
+		case out <- it:
+			stopTimer(t)
+			return nil
+		case <-room:
+			acquired, room = s.inflight.acquire(it.bytes)
+		case <-tick:
 		case <-ctx.Done():
-			t.Stop()
+			stopTimer(t)
 			return ctx.Err()
 		}
+		stopTimer(t)
+	}
+}
+
+func stopTimer(t *time.Timer) {
+	if t != nil {
+		t.Stop()
 	}
 }
 
