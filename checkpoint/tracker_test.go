@@ -243,3 +243,78 @@ func TestEmptyTransactionsInOrder(t *testing.T) {
 		t.Fatalf("done = %s, want 50", got)
 	}
 }
+
+// TestRandomEmptyTransactionsInterleaved mixes many empty transactions
+// with ones that have events, finishing events while the stream goes on,
+// and checks after every step that done is the end of the longest finished
+// prefix (empty transactions count as finished) and that the tracker holds
+// no more entries than the transactions with events past that prefix (a
+// finished one behind an unfinished one stays), plus one.
+func TestRandomEmptyTransactionsInterleaved(t *testing.T) {
+	for seed := uint64(0); seed < 50; seed++ {
+		rng := rand.New(rand.NewPCG(seed, 2))
+		tr := New(0)
+		var ends []pglogrepl.LSN
+		var remaining []int // per transaction, events not yet finished
+		var txs []*Tx
+		var open []int                      // transactions with unfinished events
+		prefix, want := 0, pglogrepl.LSN(0) // the finished prefix only grows
+		check := func(step string) {
+			for prefix < len(ends) && remaining[prefix] == 0 {
+				want = ends[prefix]
+				prefix++
+			}
+			if got := tr.Done(); got != want {
+				t.Fatalf("seed %d, %s: done = %d, want %d", seed, step, got, want)
+			}
+			withEvents := 0
+			for _, tx := range txs[prefix:] {
+				if tx.events {
+					withEvents++
+				}
+			}
+			if n := tr.InFlight(); n > withEvents+1 {
+				t.Fatalf("seed %d, %s: %d entries for %d transactions with events not yet done", seed, step, n, withEvents)
+			}
+		}
+		for i := 0; i < 2000; i++ {
+			tx := tr.Begin()
+			n := 0
+			if rng.IntN(10) == 0 {
+				n = 1 + rng.IntN(3)
+			}
+			for j := 0; j < n; j++ {
+				tr.Add(tx)
+			}
+			end := pglogrepl.LSN((i + 1) * 10)
+			tr.Close(tx, end)
+			txs = append(txs, tx)
+			ends = append(ends, end)
+			remaining = append(remaining, n)
+			if n > 0 {
+				open = append(open, i)
+			}
+			check("after a commit")
+			for len(open) > 0 && rng.IntN(3) == 0 {
+				k := rng.IntN(len(open))
+				j := open[k]
+				tr.Finish(txs[j], 1)
+				remaining[j]--
+				if remaining[j] == 0 {
+					open = append(open[:k], open[k+1:]...)
+				}
+				check("after a finish")
+			}
+		}
+		for len(open) > 0 {
+			j := open[0]
+			tr.Finish(txs[j], remaining[j])
+			remaining[j] = 0
+			open = open[1:]
+			check("draining")
+		}
+		if got, want := tr.Done(), ends[len(ends)-1]; got != want {
+			t.Fatalf("seed %d: done = %d at the end, want %d", seed, got, want)
+		}
+	}
+}
