@@ -50,12 +50,13 @@ type session struct {
 	filtering bool     // replayed rows may already be marked; see filterPublished
 	retry     *backoff // shared by the confirmer's republishes
 	unmarked  []*item  // the marker's batch when a mark failed or was cut short
+	serverEnd pglogrepl.LSN
+	lastHeard time.Time // last message from the server
+
 	// unforwarded is the confirmer's item when its hand-over to the marker
-	// was cut short. Each goroutine writes its own field; session reads
-	// both after g.Wait.
+	// was cut short. Marker and confirmer each write their own field;
+	// session reads both after g.Wait.
 	unforwarded *item
-	serverEnd   pglogrepl.LSN
-	lastHeard   time.Time // last message from the server
 }
 
 func (r *Relay) session(ctx context.Context) error {
