@@ -15,4 +15,8 @@
 // When nothing is in flight, AdvanceIdle lets done follow the server's WAL end
 // from keepalives, so an idle outbox on a busy cluster does not hold WAL
 // (invariant 6).
+//
+// Memory is bounded by the transactions with events: an empty transaction
+// (servers before PostgreSQL 15 send one for every transaction in the
+// database) behind an unfinished one is folded into the entry before it.
 package checkpoint

@@ -11,7 +11,11 @@ import (
 type Tx struct {
 	endLSN  pglogrepl.LSN
 	pending int
+	events  bool // an event was ever added
 	closed  bool
+	// through is the end of the last empty transaction coalesced into this
+	// one: once this one is done, so are they.
+	through pglogrepl.LSN
 }
 
 // Tracker computes the done position. It is safe for concurrent use: the
@@ -46,16 +50,28 @@ func (t *Tracker) Begin() *Tx {
 func (t *Tracker) Add(tx *Tx) {
 	t.mu.Lock()
 	tx.pending++
+	tx.events = true
 	t.mu.Unlock()
 }
 
 // Close records that every event of tx has been added and that the
 // transaction ends at endLSN. An endLSN of zero (a table sweep, not a stream
 // transaction) finishes the entry without moving the position.
+//
+// A transaction without events behind an unfinished one is folded into the
+// entry before it, so the tracker holds one entry per transaction with
+// events (plus the open one), however many empty transactions a server
+// before PostgreSQL 15 sends while the head waits for the broker.
 func (t *Tracker) Close(tx *Tx, endLSN pglogrepl.LSN) {
 	t.mu.Lock()
 	tx.closed = true
 	tx.endLSN = endLSN
+	if last := len(t.queue) - 1; !tx.events && last > t.head && t.queue[last] == tx {
+		prev := t.queue[last-1]
+		prev.through = max(prev.through, tx.endLSN, tx.through)
+		t.queue[last] = nil
+		t.queue = t.queue[:last]
+	}
 	t.advance()
 	t.mu.Unlock()
 }
@@ -79,8 +95,8 @@ func (t *Tracker) advance() {
 		if !tx.closed || tx.pending > 0 {
 			break
 		}
-		if tx.endLSN > t.done {
-			t.done = tx.endLSN
+		if end := max(tx.endLSN, tx.through); end > t.done {
+			t.done = end
 		}
 		t.queue[t.head] = nil
 		t.head++

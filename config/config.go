@@ -53,6 +53,10 @@ type Config struct {
 
 	// PublishWindow caps messages published but not yet confirmed.
 	PublishWindow int `env:"RELAY_PUBLISH_WINDOW" envDefault:"1000"`
+	// MaxInflightBytes caps the payload bytes read from the stream (or the
+	// table) and not yet confirmed by the broker: the window caps events,
+	// this caps their bytes. A single larger event still passes, alone.
+	MaxInflightBytes int `env:"RELAY_MAX_INFLIGHT_BYTES" envDefault:"67108864"`
 	// MarkBatchSize caps the ids one UPDATE marks published.
 	MarkBatchSize int `env:"RELAY_MARK_BATCH_SIZE" envDefault:"500"`
 	// MarkDelay is how long the marker waits to fill a batch: fewer
@@ -227,6 +231,7 @@ func (c *Config) Validate() error {
 	}
 	positive("RELAY_PUBLISH_WINDOW", c.PublishWindow)
 	positive("RELAY_MARK_BATCH_SIZE", c.MarkBatchSize)
+	positive("RELAY_MAX_INFLIGHT_BYTES", c.MaxInflightBytes)
 	positive("RELAY_MAX_MESSAGE_BYTES", c.MaxMessageBytes)
 	durations := []struct {
 		name string

@@ -39,6 +39,8 @@ func TestErrorsNameTheVariable(t *testing.T) {
 		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_AMQP_URL": "http://x"}, "RELAY_AMQP_URL"},
 		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_ROUTING_KEY": "{nope}"}, "RELAY_ROUTING_KEY"},
 		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_PUBLISH_WINDOW": "0"}, "RELAY_PUBLISH_WINDOW"},
+		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_MAX_INFLIGHT_BYTES": "0"}, "RELAY_MAX_INFLIGHT_BYTES must be positive"},
+		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_MAX_INFLIGHT_BYTES": "64MiB"}, "RELAY_MAX_INFLIGHT_BYTES"},
 		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_TABLE": "a.b.c"}, "RELAY_TABLE"},
 		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_UNROUTABLE": "ignore"}, "RELAY_UNROUTABLE"},
 		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_STATUS_INTERVAL": "soon"}, "RELAY_STATUS_INTERVAL"},

@@ -32,10 +32,19 @@
 // acknowledged. Few duplicates (4): on replay, rows already marked are
 // skipped (checked in batches until the first unmarked row, since marks
 // follow stream order), and ids confirmed but not marked when a session
-// failed are carried to the next one and only marked. Published twice:
+// failed (in the marker's batch, even one it was still filling, on their
+// way to it, or in the confirmer's hand-over) are carried to the next one
+// and only marked. Published twice:
 // events confirmed but unmarked when the process died, and events not yet
 // confirmed when the broker connection failed; message_id lets consumers
 // drop them.
+// Bounded memory (9): the channels bound events, the in-flight budget
+// (RELAY_MAX_INFLIGHT_BYTES, budget.go) bounds their payload bytes. The
+// reader acquires an event's bytes before it enters the pipeline (the
+// table sweep too) and keeps the stream alive while it waits; the
+// confirmer releases them with the broker's verdict and drops the payload,
+// so the marker and the carry hold ids only. An event larger than the
+// budget passes alone.
 // The table is the backstop (7): when the relay creates its slot (first
 // start, or after the slot was lost) it publishes the unpublished rows
 // visible in the slot's exported snapshot before streaming.

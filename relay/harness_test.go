@@ -63,6 +63,7 @@ func newEnv(t *testing.T) *env {
 		LogFormat:          "console",
 		PublishWindow:      1000,
 		MarkBatchSize:      500,
+		MaxInflightBytes:   64 << 20,
 		StatusInterval:     100 * time.Millisecond,
 		BackoffMin:         50 * time.Millisecond,
 		BackoffMax:         time.Second,

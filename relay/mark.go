@@ -55,6 +55,7 @@ func (s *session) mark(ctx context.Context) error {
 				break gather
 			case <-ctx.Done():
 				timer.Stop()
+				s.unmarked = batch // confirmed: carried over, not published again
 				return ctx.Err()
 			}
 		}

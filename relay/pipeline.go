@@ -192,10 +192,24 @@ func (s *session) confirm(ctx context.Context) error {
 				m.DeliverySeconds.Observe(time.Since(it.ev.OccurredAt).Seconds())
 			}
 		}
+		s.settle(it)
 		if err := forward(ctx, s.confirmed, it); err != nil {
+			s.unforwarded = it // confirmed: carried over, not published again
 			return err
 		}
 	}
+}
+
+// settle releases an item's payload once the broker's verdict is in
+// (confirmed, dead-lettered, skipped or carried): the marker and the carry
+// to the next session need only its id, so memory in flight is bounded by
+// the budget, not by the events waiting to be marked.
+func (s *session) settle(it *item) {
+	s.inflight.release(it.bytes)
+	it.bytes = 0
+	it.ev.Payload = nil
+	it.msg = sink.Message{}
+	it.pending = nil // a NATS ack future keeps the message it published
 }
 
 // await resolves one published item: acked, or handled by policy. Retries

@@ -29,6 +29,7 @@ type item struct {
 	dead    string // dead-letter with this reason instead of publishing
 	skip    bool   // already published: neither publish nor mark
 	carried bool   // confirmed in an earlier session: mark, do not publish
+	bytes   int64  // payload bytes acquired from the session's budget
 }
 
 // session is one connected run of the pipeline.
@@ -43,13 +44,19 @@ type session struct {
 	pending   chan *item
 	confirmed chan *item
 	drained   chan struct{}
+	inflight  *budget // payload bytes between the reader and the confirmer
 
 	streaming bool     // START_REPLICATION succeeded; only the reader touches it
 	filtering bool     // replayed rows may already be marked; see filterPublished
 	retry     *backoff // shared by the confirmer's republishes
-	unmarked  []*item  // the marker's batch when a mark failed
+	unmarked  []*item  // the marker's batch when a mark failed or was cut short
 	serverEnd pglogrepl.LSN
 	lastHeard time.Time // last message from the server
+
+	// unforwarded is the confirmer's item when its hand-over to the marker
+	// was cut short. Marker and confirmer each write their own field;
+	// session reads both after g.Wait.
+	unforwarded *item
 }
 
 func (r *Relay) session(ctx context.Context) error {
@@ -145,6 +152,7 @@ func (r *Relay) session(ctx context.Context) error {
 		pending:   make(chan *item, r.cfg.PublishWindow),
 		confirmed: make(chan *item, r.cfg.MarkBatchSize*2),
 		drained:   make(chan struct{}),
+		inflight:  newBudget(int64(r.cfg.MaxInflightBytes)),
 		filtering: true,
 		retry:     newBackoff(r.cfg.BackoffMin, r.cfg.BackoffMax),
 	}
@@ -181,16 +189,25 @@ func (r *Relay) session(ctx context.Context) error {
 		return nil
 	})
 	err = g.Wait()
-	// Events the broker confirmed but nobody marked: the next session marks
-	// them instead of publishing them again. The confirmer closed the
-	// channel when it stopped, so this ends.
+	s.carryConfirmed()
+	return err
+}
+
+// carryConfirmed hands the events the broker confirmed but nobody marked
+// to the next session, which marks them instead of publishing them again:
+// the marker's batch, the one the confirmer was handing over, and those
+// between them. Call it after the pipeline's goroutines have returned.
+func (s *session) carryConfirmed() {
 	for _, it := range s.unmarked {
 		s.carry(it)
 	}
+	if s.unforwarded != nil {
+		s.carry(s.unforwarded)
+	}
+	// The confirmer closed the channel when it stopped, so this ends.
 	for it := range s.confirmed {
 		s.carry(it)
 	}
-	return err
 }
 
 // read owns the replication connection for the whole session. When it
@@ -315,6 +332,9 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 		}
 		switch m.Kind {
 		case decoder.KindBegin:
+			// Open it now, not at its first event: an open transaction keeps
+			// AdvanceIdle from moving past it on a keepalive mid-transaction.
+			// The tracker folds the empty ones away at Close.
 			tx, xid, committed = s.tracker.Begin(), m.Begin.Xid, m.Begin.CommitTime
 		case decoder.KindEvent:
 			// The decoder refuses an insert or commit outside a
@@ -343,38 +363,60 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 	}
 }
 
-// send hands an item to the publisher. While the pipeline is full it keeps
-// the server informed, so a slow broker never trips wal_sender_timeout;
-// nextStatus is nil before streaming starts (the table sweep), when there
-// is no stream to keep alive.
+// send hands an item to the publisher once its payload fits in the
+// in-flight budget (RELAY_MAX_INFLIGHT_BYTES). While it waits, for bytes or
+// for room in the channel, it keeps the server informed, so a slow broker
+// never trips wal_sender_timeout; nextStatus is nil before streaming starts
+// (the table sweep), when there is no stream to keep alive.
 func (s *session) send(ctx context.Context, it *item, nextStatus *time.Time) error {
-	select {
-	case s.items <- it:
-		return nil
-	default:
-	}
-	if nextStatus == nil {
-		return forward(ctx, s.items, it)
-	}
-	for {
-		wait := time.Until(*nextStatus)
-		if wait <= 0 {
-			if err := s.sendStatus(false); err != nil {
-				return err
-			}
-			*nextStatus = time.Now().Add(s.r.cfg.StatusInterval)
-			continue
-		}
-		t := time.NewTimer(wait)
+	it.bytes = int64(len(it.ev.Payload))
+	acquired, room := s.inflight.acquire(it.bytes)
+	if acquired {
 		select {
 		case s.items <- it:
-			t.Stop()
 			return nil
-		case <-t.C:
+		default:
+		}
+	}
+	for {
+		// Until the bytes are acquired the item must not enter the
+		// pipeline; after, room is nil and only the channel is waited for.
+		var out chan<- *item
+		if acquired {
+			out = s.items
+		}
+		var tick <-chan time.Time
+		var t *time.Timer
+		if nextStatus != nil {
+			wait := time.Until(*nextStatus)
+			if wait <= 0 {
+				if err := s.sendStatus(false); err != nil {
+					return err
+				}
+				*nextStatus = time.Now().Add(s.r.cfg.StatusInterval)
+				continue
+			}
+			t = time.NewTimer(wait)
+			tick = t.C
+		}
+		select {
+		case out <- it:
+			stopTimer(t)
+			return nil
+		case <-room:
+			acquired, room = s.inflight.acquire(it.bytes)
+		case <-tick:
 		case <-ctx.Done():
-			t.Stop()
+			stopTimer(t)
 			return ctx.Err()
 		}
+		stopTimer(t)
+	}
+}
+
+func stopTimer(t *time.Timer) {
+	if t != nil {
+		t.Stop()
 	}
 }
 

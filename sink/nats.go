@@ -258,11 +258,13 @@ func (n *NATS) Reject(m *Message) string {
 		return reason
 	}
 	msg := natsMessage(m.Key, m)
-	m.built = msg
 	if size := msg.Size() - len(msg.Subject); size > n.maxPayload {
+		// Not kept: a rejected message is dead-lettered, never published,
+		// and a kept one would hold its payload until the item is gone.
 		return fmt.Sprintf("message is %d bytes with its headers; the limit is %d (the smallest of the server's max_payload, "+
 			"the stream's max_msg_size and RELAY_MAX_MESSAGE_BYTES)", size, n.maxPayload)
 	}
+	m.built = msg
 	return ""
 }
 

@@ -128,8 +128,14 @@ type proc struct {
 // failed.
 func start(t testing.TB, vars map[string]string, args ...string) *proc {
 	t.Helper()
+	return startBinary(t, relayBinary(t), vars, args...)
+}
+
+// startBinary is start with the binary at path.
+func startBinary(t testing.TB, path string, vars map[string]string, args ...string) *proc {
+	t.Helper()
 	p := &proc{t: t, done: make(chan struct{})}
-	p.cmd = exec.Command(relayBinary(t), args...)
+	p.cmd = exec.Command(path, args...)
 	p.cmd.Env = envList(vars)
 	p.cmd.Stdout = io.MultiWriter(&p.stdout, &p.all)
 	p.cmd.Stderr = &p.all

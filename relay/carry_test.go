@@ -1,0 +1,153 @@
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/outbox-relay/outbox-relay/sink"
+)
+
+// tripwire fails the first publish of one event, once the test lets it:
+// a broker failure at a moment the test chooses. It fails once, in one
+// session; later sessions publish normally.
+type tripwire struct {
+	id      string
+	release chan struct{}
+	fired   atomic.Bool
+}
+
+func newTripwire(id string) *tripwire { return &tripwire{id: id, release: make(chan struct{})} }
+
+func (w *tripwire) wrap(p sink.Publisher) sink.Publisher { return tripped{p, w} }
+
+type tripped struct {
+	sink.Publisher
+	w *tripwire
+}
+
+func (p tripped) Publish(ctx context.Context, m *sink.Message) (sink.Pending, error) {
+	if m.ID == p.w.id && p.w.fired.CompareAndSwap(false, true) {
+		select {
+		case <-p.w.release:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		return nil, errors.New("test: broker failure")
+	}
+	return p.Publisher.Publish(ctx, m)
+}
+
+// histogramCount is how many observations h has.
+func histogramCount(t *testing.T, h prometheus.Histogram) uint64 {
+	t.Helper()
+	var d dto.Metric
+	must(t, h.Write(&d))
+	return d.GetHistogram().GetSampleCount()
+}
+
+func counterValue(t *testing.T, c prometheus.Counter) float64 {
+	t.Helper()
+	var d dto.Metric
+	must(t, c.Write(&d))
+	return d.GetCounter().GetValue()
+}
+
+func (e *env) times(id string) int {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.ids[id]
+}
+
+// exactlyOnce fails unless every event was received exactly once and every
+// row is marked.
+func (e *env) exactlyOnce(events []event) {
+	e.t.Helper()
+	var bad []string
+	for _, ev := range events {
+		if n := e.times(ev.ID); n != 1 {
+			bad = append(bad, fmt.Sprintf("%s ×%d", ev.ID, n))
+		}
+	}
+	if len(bad) > 0 {
+		e.t.Fatalf("events not received exactly once (a broker failure must cause no duplicates): %v", bad)
+	}
+	if n := e.unpublished(); n != 0 {
+		e.t.Fatalf("%d rows not marked", n)
+	}
+}
+
+// TestConfirmedEventsInTheMarkersGatherAreCarried (invariant 4): events the
+// broker confirmed while the marker waits to fill its batch
+// (RELAY_MARK_DELAY) are carried to the next session when a broker failure
+// ends this one, and marked there without being published again.
+func TestConfirmedEventsInTheMarkersGatherAreCarried(t *testing.T) {
+	e := newEnv(t)
+	e.cfg.MarkDelay = time.Minute // the marker sits in its gather
+	confirmed := []event{newEvent("order", "created", `{"n":1}`), newEvent("order", "created", `{"n":2}`),
+		newEvent("order", "created", `{"n":3}`)}
+	failing := newEvent("order", "paid", `{"n":4}`)
+	w := newTripwire(failing.ID)
+	close(w.release) // fail at once
+	r := e.start(w.wrap)
+	r.waitStreaming(t)
+	e.insertTx(confirmed, true, nil)
+	waitFor(t, 20*time.Second, "3 confirmations", func() bool { return histogramCount(t, r.metrics.ConfirmSeconds) >= 3 })
+	// The confirmer hands them over at once; give the marker a moment to
+	// take them out of the channel into its batch.
+	time.Sleep(200 * time.Millisecond)
+
+	e.insertTx([]event{failing}, true, nil)
+	waitFor(t, 30*time.Second, "the next session to publish the event the broker failed on", func() bool { return e.times(failing.ID) > 0 })
+	r.stop(t) // the drain marks what the next session holds
+	e.exactlyOnce(append(confirmed, failing))
+}
+
+// TestConfirmedEventInTheConfirmersForwardIsCarried (invariant 4): an event
+// confirmed while the marker is busy and its channel full is carried to the
+// next session when a broker failure ends this one.
+func TestConfirmedEventInTheConfirmersForwardIsCarried(t *testing.T) {
+	e := newEnv(t)
+	e.cfg.MarkBatchSize = 1 // the confirmed channel holds 2
+	e.cfg.MarkDelay = 0
+	r := e.start(nil)
+	r.waitStreaming(t) // creates the slot
+	r.stop(t)
+
+	var events []event
+	for i := 0; i < 4; i++ {
+		events = append(events, newEvent("order", "created", fmt.Sprintf(`{"n":%d}`, i)))
+		e.insertTx(events[i:i+1], true, nil)
+	}
+	failing := newEvent("order", "paid", `{"n":5}`)
+	e.insertTx([]event{failing}, true, nil)
+
+	// A lock on the first row holds the marker in its UPDATE: the second
+	// and third event fill the confirmed channel, the fourth waits in the
+	// confirmer's forward.
+	ctx := context.Background()
+	lock, err := e.pool.Begin(ctx)
+	must(t, err)
+	defer lock.Rollback(ctx) //nolint:errcheck // released below; this is for a failed test
+	_, err = lock.Exec(ctx, `SELECT 1 FROM outbox_events WHERE id = $1 FOR UPDATE`, events[0].ID)
+	must(t, err)
+
+	w := newTripwire(failing.ID)
+	r = e.start(w.wrap)
+	waitFor(t, 20*time.Second, "4 confirmations", func() bool { return histogramCount(t, r.metrics.ConfirmSeconds) >= 4 })
+	close(w.release) // the broker fails on the fifth
+	waitFor(t, 20*time.Second, "the session to fail", func() bool {
+		return counterValue(t, r.metrics.Reconnects.WithLabelValues("rabbitmq")) > 0
+	})
+	must(t, lock.Rollback(ctx))
+
+	waitFor(t, 30*time.Second, "the next session to publish the event the broker failed on", func() bool { return e.times(failing.ID) > 0 })
+	r.stop(t)
+	e.exactlyOnce(append(events, failing))
+}
