@@ -21,6 +21,12 @@
 --   retention       true to grant DELETE, needed by `outbox-relay prune` and
 --                   RELAY_RETENTION                  (false)
 --
+-- Producers (the application roles that insert events) are not this
+-- script's business, but note: since migration 004 the table's relay_seq
+-- column takes its default from a sequence, so an inserting role needs
+--   GRANT USAGE ON SEQUENCE <outbox_table>_relay_seq_seq TO <app role>;
+-- as for any serial column. The relay itself never inserts into the table.
+--
 -- What the relay does with each privilege:
 --   LOGIN REPLICATION   open the replication connection, create its slot,
 --                       read pg_replication_slots, and drop its own slot when
