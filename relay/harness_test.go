@@ -328,6 +328,18 @@ func (e *env) slotPast(lsn string) bool {
 	return ok != nil && *ok
 }
 
+// bindOnly rebinds the test's queue to the relay's exchange with pattern
+// alone, so that other routing keys are unroutable, and returns the
+// channel for further bindings.
+func (e *env) bindOnly(pattern string) *amqp.Channel {
+	e.t.Helper()
+	ch, err := e.amqp.Channel()
+	must(e.t, err)
+	must(e.t, ch.QueueUnbind(e.queue, "#", e.cfg.Exchange, nil))
+	must(e.t, ch.QueueBind(e.queue, pattern, e.cfg.Exchange, false, nil))
+	return ch
+}
+
 // dlq returns the messages in the dead-letter queue.
 func (e *env) dlq() []amqp.Delivery {
 	e.t.Helper()

@@ -356,10 +356,7 @@ func TestPoisonEventsAreDeadLettered(t *testing.T) {
 func TestUnroutableEventsFollowThePolicy(t *testing.T) {
 	e := newEnv(t)
 	e.cfg.RoutingKey = "{aggregate_type}.{event_type}"
-	ch, err := e.amqp.Channel()
-	must(t, err)
-	must(t, ch.QueueUnbind(e.queue, "#", e.cfg.Exchange, nil))
-	must(t, ch.QueueBind(e.queue, "order.*", e.cfg.Exchange, false, nil))
+	e.bindOnly("order.*")
 	r := e.start(nil)
 	r.waitStreaming(t)
 	nobody := newEvent("invoice", "created", `{}`)

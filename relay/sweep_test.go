@@ -208,10 +208,7 @@ func TestUnroutableRetryHoldsTheStreamBehindTheWindow(t *testing.T) {
 	e := newEnv(t)
 	e.cfg.Unroutable = "retry"
 	e.cfg.PublishWindow = 3
-	ch, err := e.amqp.Channel()
-	must(t, err)
-	must(t, ch.QueueUnbind(e.queue, "#", e.cfg.Exchange, nil))
-	must(t, ch.QueueBind(e.queue, "order.*", e.cfg.Exchange, false, nil))
+	ch := e.bindOnly("order.*")
 	r := e.start(nil)
 	r.waitStreaming(t)
 	held := newEvent("invoice", "created", `{}`)
