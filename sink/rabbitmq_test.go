@@ -1,0 +1,224 @@
+package sink
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
+)
+
+// rabbitTest is one test's private exchanges and queues on the shared broker.
+type rabbitTest struct {
+	cfg   RabbitMQConfig
+	conn  *amqp.Connection
+	queue string // bound to everything the exchange routes
+}
+
+func newRabbitTest(t *testing.T) *rabbitTest {
+	t.Helper()
+	testenv.Integration(t)
+	rt := &rabbitTest{cfg: RabbitMQConfig{
+		URL:                testenv.AMQP(t),
+		Exchange:           testenv.Name(t, "ex"),
+		DeadLetterExchange: testenv.Name(t, "dlx"),
+		MaxMessageBytes:    1 << 20,
+	}, queue: testenv.Name(t, "q")}
+	var err error
+	if rt.conn, err = amqp.Dial(rt.cfg.URL); err != nil {
+		t.Fatal(err)
+	}
+	ch, err := rt.conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.ExchangeDeclare(rt.cfg.Exchange, amqp.ExchangeTopic, true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ch.QueueDeclare(rt.queue, false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.QueueBind(rt.queue, "#", rt.cfg.Exchange, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if ch, err := rt.conn.Channel(); err == nil {
+			_, _ = ch.QueueDelete(rt.queue, false, false, false)
+			_, _ = ch.QueueDelete(rt.cfg.DeadLetterExchange, false, false, false)
+			_ = ch.ExchangeDelete(rt.cfg.Exchange, false, false)
+			_ = ch.ExchangeDelete(rt.cfg.DeadLetterExchange, false, false)
+		}
+		rt.conn.Close()
+	})
+	return rt
+}
+
+func (rt *rabbitTest) dial(t *testing.T) *RabbitMQ {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	r, err := DialRabbitMQ(ctx, rt.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
+}
+
+// get takes the next message from queue.
+func (rt *rabbitTest) get(t *testing.T, queue string) (amqp.Delivery, bool) {
+	t.Helper()
+	ch, err := rt.conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ch.Close()
+	d, ok, err := ch.Get(queue, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d, ok
+}
+
+// TestAMQPShortstrOver255EndsTheConnection records what amqp091 does with a
+// type property over 255 bytes, which is why Reject must catch it: the
+// publish fails on the client and the library shuts the connection down.
+// No nack, no return: without Reject, every retry would end the session.
+func TestAMQPShortstrOver255EndsTheConnection(t *testing.T) {
+	rt := newRabbitTest(t)
+	r := rt.dial(t)
+	m := testMessage("00000000-0000-4000-8000-000000000001", "order.created", `{}`)
+	m.Type = strings.Repeat("t", 256)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	p, err := r.Publish(ctx, m)
+	if err == nil {
+		_, err = p.Wait(ctx)
+	}
+	if err == nil {
+		t.Fatal("a 256-byte type property was published; Reject need not refuse it")
+	}
+	t.Logf("publish: %v", err)
+	deadline := time.Now().Add(10 * time.Second)
+	for !r.conn.IsClosed() {
+		if time.Now().After(deadline) {
+			t.Fatal("the connection stayed open after the failed publish")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestRabbitMQRejectAndDeadLetterEveryField (invariant 8): for every text
+// field that reaches a size-limited part of an AMQP message, at 0, 1, 255,
+// 256 and 10,000 bytes, in ASCII and multibyte UTF-8, and in combination:
+// a message Reject accepts is published and acked on a connection that
+// stays open, and the dead-letter copy of every message, accepted or not, is
+// acked, with its reason and the values the properties could not carry.
+func TestRabbitMQRejectAndDeadLetterEveryField(t *testing.T) {
+	rt := newRabbitTest(t)
+	r := rt.dial(t)
+	sizes := []int{0, 1, 255, 256, 10000, 200000}
+	text := func(n int, multibyte bool) string {
+		if !multibyte {
+			return strings.Repeat("a", n)
+		}
+		// 3-byte runes, then ASCII to reach exactly n bytes.
+		return strings.Repeat("日", n/3) + strings.Repeat("b", n%3)
+	}
+	type field struct {
+		name string
+		set  func(m *Message, v string)
+	}
+	fields := []field{
+		{"event_type", func(m *Message, v string) { m.Type = v }},
+		{"aggregate_type", func(m *Message, v string) { m.AggregateType = v }},
+		{"aggregate_id", func(m *Message, v string) { m.AggregateID = v }},
+		{"id", func(m *Message, v string) { m.ID = v }},
+		{"routing key", func(m *Message, v string) { m.Key = v }},
+	}
+	seq := 0
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	check := func(desc string, m *Message) {
+		t.Helper()
+		seq++
+		if reason := r.Reject(m); reason == "" {
+			p, err := r.Publish(ctx, m)
+			if err != nil {
+				t.Fatalf("%s: Reject accepted it but Publish failed: %v", desc, err)
+			}
+			res, err := p.Wait(ctx)
+			if err != nil || res.Outcome != Acked {
+				t.Fatalf("%s: Reject accepted it but the broker did not ack it: %v %v", desc, res, err)
+			}
+			d, ok := rt.get(t, rt.queue)
+			if !ok || d.Type != m.Type || d.MessageId != m.ID || d.Headers["aggregate_type"] != m.AggregateType {
+				t.Fatalf("%s: published message not as sent (found %v)", desc, ok)
+			}
+		}
+		const reason = "test: poison"
+		if err := r.DeadLetter(ctx, m, reason); err != nil {
+			t.Fatalf("%s: dead-letter copy refused: %v", desc, err)
+		}
+		d, ok := rt.get(t, rt.cfg.DeadLetterExchange)
+		if !ok {
+			t.Fatalf("%s: dead-letter queue empty", desc)
+		}
+		if d.Headers["x-outbox-reason"] != reason {
+			t.Fatalf("%s: reason header %q", desc, d.Headers["x-outbox-reason"])
+		}
+		cut, _ := d.Headers["x-outbox-cut"].(string)
+		moved, _ := d.Headers["x-outbox-moved"].(string)
+		id := d.MessageId
+		if strings.Contains(moved, "message_id") {
+			id, _ = d.Headers["x-outbox-message_id"].(string)
+		}
+		typ := d.Type
+		if strings.Contains(moved, "type") {
+			typ, _ = d.Headers["x-outbox-type"].(string)
+		}
+		if cut == "" && (id != m.ID || typ != m.Type || d.Headers["aggregate_type"] != m.AggregateType ||
+			d.Headers["x-outbox-routing-key"] != m.Key || d.Headers["aggregate_id"] != m.AggregateID) {
+			t.Fatalf("%s: dead-letter copy lost a value without saying so (moved %q)", desc, moved)
+		}
+		if len(m.Type) > maxShortString && !strings.Contains(moved, "type") ||
+			len(m.ID) > maxShortString && !strings.Contains(moved, "message_id") {
+			t.Fatalf("%s: long property not moved (moved %q)", desc, moved)
+		}
+		for _, k := range strings.Split(cut, ",") {
+			if v, ok := d.Headers[k].(string); ok && !strings.HasPrefix(original(m, k, reason), v) {
+				t.Fatalf("%s: header %s was not cut at a prefix", desc, k)
+			}
+		}
+		if r.conn.IsClosed() {
+			t.Fatalf("%s: the connection closed", desc)
+		}
+	}
+	for _, f := range fields {
+		for _, n := range sizes {
+			for _, mb := range []bool{false, true} {
+				m := testMessage("00000000-0000-4000-8000-000000000001", "order.created", `{"n":1}`)
+				f.set(m, text(n, mb))
+				check(fmt.Sprintf("%s of %d bytes (multibyte %v)", f.name, n, mb), m)
+			}
+		}
+	}
+	// Combinations: everything long at once, with the payload over the limit.
+	for _, n := range sizes {
+		m := testMessage(text(n, true), text(n, false), strings.Repeat("x", rt.cfg.MaxMessageBytes+1))
+		m.Type, m.AggregateType, m.AggregateID = text(n, false), text(n, true), text(n, true)
+		check(fmt.Sprintf("every field at %d bytes", n), m)
+	}
+}
+
+// original is the value of m that the dead-letter header k carries.
+func original(m *Message, k, reason string) string {
+	return map[string]string{
+		"aggregate_type": m.AggregateType, "aggregate_id": m.AggregateID, "x-outbox-routing-key": m.Key,
+		"x-outbox-type": m.Type, "x-outbox-message_id": m.ID, "x-outbox-reason": reason,
+	}[k]
+}
