@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/textproto"
+	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -250,18 +253,68 @@ func natsMessage(subject string, m *Message) *nats.Msg {
 	}
 }
 
-// Reject implements Publisher: invalid subjects, and messages bigger than
-// the server's max_payload (which would close the connection), the
-// stream's max_msg_size or MaxMessageBytes.
+// Reject implements Publisher: invalid subjects, header values that NATS
+// cannot carry as they are, and messages bigger than the server's
+// max_payload (which would close the connection), the stream's
+// max_msg_size or MaxMessageBytes.
 func (n *NATS) Reject(m *Message) string {
 	if reason := ValidSubject(m.Key); reason != "" {
 		return reason
 	}
 	msg := natsMessage(m.Key, m)
+	for _, k := range natsMessageHeaders {
+		if why := headerValueProblem(msg.Header.Get(k)); why != "" {
+			return fmt.Sprintf("header %s (%s) %s; NATS headers cannot carry it as it is", k, natsHeaderSource[k], why)
+		}
+	}
 	m.built = msg
+	if size := headerSize(msg.Header); size > maxHeaderBytes {
+		return fmt.Sprintf("headers are %d bytes (id, aggregate_type, aggregate_id, event_type); JetStream allows at most %d",
+			size, maxHeaderBytes)
+	}
 	if size := msg.Size() - len(msg.Subject); size > n.maxPayload {
 		return fmt.Sprintf("message is %d bytes with its headers; the limit is %d (the smallest of the server's max_payload, "+
 			"the stream's max_msg_size and RELAY_MAX_MESSAGE_BYTES)", size, n.maxPayload)
+	}
+	return ""
+}
+
+// maxHeaderBytes is JetStream's limit on a message's headers: a bigger
+// message is refused with err_code 10097 ("header size exceeds maximum
+// allowed of 64k"), which is no verdict the relay could act on.
+const maxHeaderBytes = 65535
+
+// headerSize is the size of h as nats.go encodes it.
+func headerSize(h nats.Header) int {
+	n := len("NATS/1.0\r\n") + len("\r\n")
+	for k, vs := range h {
+		for _, v := range vs {
+			n += len(k) + len(": ") + len(textproto.TrimString(v)) + len("\r\n")
+		}
+	}
+	return n
+}
+
+// natsMessageHeaders are the headers natsMessage fills from the row.
+var natsMessageHeaders = []string{jetstream.MsgIDHeader, natsHeaderType, natsHeaderAggregateType, natsHeaderAggregateID}
+
+var natsHeaderSource = map[string]string{
+	jetstream.MsgIDHeader: "the id", natsHeaderType: "the event_type",
+	natsHeaderAggregateType: "the aggregate_type", natsHeaderAggregateID: "the aggregate_id",
+}
+
+// headerValueProblem says why v would not arrive as it is in a NATS header,
+// or "". nats.go replaces CR and LF with spaces and trims leading and
+// trailing white space; other control characters break readers that follow
+// the header format (ADR-4, Go's textproto).
+func headerValueProblem(v string) string {
+	if textproto.TrimString(v) != v {
+		return "has leading or trailing white space"
+	}
+	for i := 0; i < len(v); i++ {
+		if c := v[i]; c < 0x20 && c != '\t' || c == 0x7f {
+			return fmt.Sprintf("contains the control character %q", c)
+		}
 	}
 	return ""
 }
@@ -348,15 +401,11 @@ func (n *NATS) verdict(ctx context.Context, m *Message, err error) (Result, erro
 // DeadLetter implements Publisher: it publishes m to DeadLetterSubject with
 // the reason and waits for the ack. The message id is kept, so a repeated
 // dead-letter after a crash is deduplicated too.
+//
+// The copy can never be refused for anything in the message (invariant 8):
+// see deadLetterMessage.
 func (n *NATS) DeadLetter(ctx context.Context, m *Message, reason string) error {
-	msg := natsMessage(n.cfg.DeadLetterSubject, m)
-	msg.Header[natsHeaderReason] = []string{reason}
-	msg.Header[natsHeaderSubject] = []string{truncate(m.Key, maxSubjectBytes)}
-	if msg.Size()-len(msg.Subject) > n.maxPayload {
-		// The server would refuse the body too: dead-letter the facts only.
-		msg.Data = nil
-		msg.Header[natsHeaderOmitted] = []string{"true"}
-	}
+	msg := n.deadLetterMessage(m, reason)
 	ctx, cancel := context.WithTimeout(ctx, n.cfg.AckTimeout)
 	defer cancel()
 	if _, err := n.js.PublishMsg(ctx, msg, jetstream.WithExpectStream(n.cfg.DeadLetterStream), jetstream.WithRetryAttempts(0)); err != nil {
@@ -368,11 +417,70 @@ func (n *NATS) DeadLetter(ctx context.Context, m *Message, reason string) error 
 	return nil
 }
 
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
+// Headers that say how a dead-letter copy differs from the message.
+const (
+	// natsHeaderQuoted lists the headers whose values NATS could not carry
+	// as they are (headerValueProblem): each holds the Go-quoted value.
+	natsHeaderQuoted = "Outbox-Quoted"
+	// natsHeaderCut lists the headers whose values were cut so that the
+	// message fits the size limit.
+	natsHeaderCut = "Outbox-Cut"
+)
+
+// deadLetterMessage is the dead-letter copy of m: header values NATS cannot
+// carry are quoted, the payload is left out when the message is over the
+// size limit, and then the longest header values are cut (at a UTF-8
+// boundary) until it fits; headers say which of these happened.
+func (n *NATS) deadLetterMessage(m *Message, reason string) *nats.Msg {
+	msg := natsMessage(n.cfg.DeadLetterSubject, m)
+	msg.Header[natsHeaderReason] = []string{reason}
+	msg.Header[natsHeaderSubject] = []string{m.Key}
+	var quoted []string
+	for k, vs := range msg.Header {
+		if headerValueProblem(vs[0]) != "" {
+			msg.Header[k] = []string{strconv.QuoteToASCII(vs[0])}
+			quoted = append(quoted, k)
+		}
 	}
-	return s[:n]
+	if len(quoted) > 0 {
+		sort.Strings(quoted)
+		msg.Header[natsHeaderQuoted] = []string{strings.Join(quoted, ",")}
+	}
+	// Room for the Outbox-Cut and Outbox-Payload-Omitted headers.
+	limit := n.maxPayload - 256
+	if msg.Size()-len(msg.Subject) > limit {
+		// The server would refuse the body too: dead-letter the facts only.
+		msg.Data = nil
+		msg.Header[natsHeaderOmitted] = []string{"true"}
+	}
+	over := func() int {
+		return max(msg.Size()-len(msg.Subject)-limit, headerSize(msg.Header)-(maxHeaderBytes-256))
+	}
+	cut := map[string]bool{}
+	for excess := over(); excess > 0; excess = over() {
+		longest, l := "", -1
+		for k, vs := range msg.Header {
+			if len(vs[0]) > l || len(vs[0]) == l && k < longest {
+				longest, l = k, len(vs[0])
+			}
+		}
+		if l <= 0 {
+			break // nothing left to cut; cannot happen with the relay's headers
+		}
+		// Cutting may expose trailing white space, which nats.go would trim.
+		v := strings.TrimRight(cutUTF8(msg.Header[longest][0], max(0, l-excess)), " \t")
+		msg.Header[longest] = []string{v}
+		cut[longest] = true
+	}
+	if len(cut) > 0 {
+		names := make([]string, 0, len(cut))
+		for k := range cut {
+			names = append(names, k)
+		}
+		sort.Strings(names)
+		msg.Header[natsHeaderCut] = []string{strings.Join(names, ",")}
+	}
+	return msg
 }
 
 // Close implements Publisher.
