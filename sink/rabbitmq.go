@@ -24,7 +24,11 @@ type RabbitMQConfig struct {
 	TLS                *tls.Config   // for amqps://; nil uses the system roots
 	Heartbeat          time.Duration // AMQP heartbeat; a silent broker is detected within about twice this
 	ConnectionName     string
-	OnBlocked          func(blocked bool, reason string) // flow control notifications; may be nil
+	// OnBlocked receives RabbitMQ's connection.blocked and
+	// connection.unblocked notifications (a resource alarm: publishes
+	// wait until it clears), and an unblock when a blocked connection
+	// closes; may be nil. It is called from one goroutine per connection.
+	OnBlocked func(blocked bool, reason string)
 }
 
 // RabbitMQ publishes with confirms on one channel.
@@ -152,8 +156,15 @@ func (r *RabbitMQ) setup() error {
 	if r.cfg.OnBlocked != nil {
 		blocked := r.conn.NotifyBlocked(make(chan amqp.Blocking, 4))
 		go func() {
+			active := false
 			for b := range blocked {
+				active = b.Active
 				r.cfg.OnBlocked(b.Active, b.Reason)
+			}
+			// A closed connection blocks nothing; the next one is told
+			// afresh if the alarm is still on.
+			if active {
+				r.cfg.OnBlocked(false, "connection closed")
 			}
 		}()
 	}
@@ -257,6 +268,7 @@ type rabbitPending struct {
 
 // Publish implements Publisher.
 func (r *RabbitMQ) Publish(ctx context.Context, m *Message) (Pending, error) {
+	defer r.interruptOn(ctx)()
 	dc, err := r.ch.PublishWithDeferredConfirmWithContext(ctx, r.cfg.Exchange, m.Key, true, false, publishing(m))
 	if err != nil {
 		if r.ch.IsClosed() || r.conn.IsClosed() {
@@ -328,7 +340,9 @@ func (r *RabbitMQ) record(ret amqp.Return, ok bool) {
 // see deadLetterPublishing.
 func (r *RabbitMQ) DeadLetter(ctx context.Context, m *Message, reason string) error {
 	pub := r.deadLetterPublishing(m, reason)
+	stop := r.interruptOn(ctx)
 	dc, err := r.ch.PublishWithDeferredConfirmWithContext(ctx, r.cfg.DeadLetterExchange, "", true, false, pub)
+	stop()
 	if err != nil {
 		if r.ch.IsClosed() || r.conn.IsClosed() {
 			return fmt.Errorf("dead-letter %s: %w", m.ID, r.closedErr())
@@ -474,7 +488,8 @@ func cutUTF8(s string, n int) string {
 func (r *RabbitMQ) Hold() { r.wire.Hold() }
 
 // Flush implements Batcher.
-func (r *RabbitMQ) Flush() error {
+func (r *RabbitMQ) Flush(ctx context.Context) error {
+	defer r.interruptOn(ctx)()
 	if err := r.wire.Flush(); err != nil {
 		if r.ch.IsClosed() || r.conn.IsClosed() {
 			return fmt.Errorf("write to RabbitMQ: %w", r.closedErr())
@@ -484,12 +499,50 @@ func (r *RabbitMQ) Flush() error {
 	return nil
 }
 
-// Close implements Publisher.
+// interruptOn makes a write blocked in the connection fail if ctx ends
+// before the returned stop is called. amqp091 does not watch the context
+// once it writes, and a broker that blocks publishers (a resource alarm)
+// stops reading, so without this a cancelled publish would wait for the
+// alarm to clear. The connection is unusable afterwards, which is what the
+// caller's end means anyway: its session is over.
+func (r *RabbitMQ) interruptOn(ctx context.Context) (stop func() bool) {
+	return context.AfterFunc(ctx, r.wire.interrupt)
+}
+
+// closeTimeout bounds Close: the close handshake needs an answer that a
+// blocked or silent broker never sends.
+const closeTimeout = time.Second
+
+// Close implements Publisher. It returns within about two closeTimeouts,
+// whatever the broker does.
 func (r *RabbitMQ) Close() error {
-	// The close handshake must not sit in a held buffer.
-	_ = r.wire.Flush()
-	if r.ch != nil {
-		_ = r.ch.Close()
+	done := make(chan error, 1)
+	go func() {
+		// Writes fail after the deadline rather than block on a broker
+		// that stopped reading.
+		_ = r.wire.Conn.SetWriteDeadline(time.Now().Add(closeTimeout))
+		// The close handshake must not sit in a held buffer.
+		_ = r.wire.Flush()
+		if r.ch != nil {
+			_ = r.ch.Close()
+		}
+		done <- r.conn.Close()
+	}()
+	t := time.NewTimer(closeTimeout)
+	defer t.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-t.C:
 	}
-	return r.conn.Close()
+	// No close-ok: drop the socket, which ends amqp091's reader and every
+	// call waiting for an answer.
+	_ = r.wire.Conn.Close()
+	t.Reset(closeTimeout)
+	select {
+	case <-done:
+		return fmt.Errorf("close RabbitMQ connection: no answer within %s; closed the socket", closeTimeout)
+	case <-t.C:
+		return fmt.Errorf("close RabbitMQ connection: no answer within %s, and the library did not finish after the socket was closed", closeTimeout)
+	}
 }

@@ -3,7 +3,11 @@ package sink
 import (
 	"context"
 	"fmt"
+	"io"
+	"net"
+	"net/url"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -221,4 +225,155 @@ func original(m *Message, k, reason string) string {
 		"aggregate_type": m.AggregateType, "aggregate_id": m.AggregateID, "x-outbox-routing-key": m.Key,
 		"x-outbox-type": m.Type, "x-outbox-message_id": m.ID, "x-outbox-reason": reason,
 	}[k]
+}
+
+// stallingProxy forwards TCP connections to upstream; after stall it stops
+// reading from the client, as RabbitMQ does with a publishing connection
+// during a resource alarm, while still forwarding what the broker sends.
+type stallingProxy struct {
+	ln      net.Listener
+	stalled chan struct{}
+	once    sync.Once
+}
+
+func newStallingProxy(t *testing.T, upstream string) *stallingProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &stallingProxy{ln: ln, stalled: make(chan struct{})}
+	var conns []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			u, err := net.Dial("tcp", upstream)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			mu.Lock()
+			conns = append(conns, c, u)
+			mu.Unlock()
+			go func() { _, _ = io.Copy(c, u) }()
+			go func() {
+				buf := make([]byte, 4096)
+				for {
+					select {
+					case <-p.stalled:
+						return // leaves c unread, open
+					default:
+					}
+					n, err := c.Read(buf)
+					if n > 0 {
+						if _, werr := u.Write(buf[:n]); werr != nil {
+							return
+						}
+					}
+					if err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	return p
+}
+
+func (p *stallingProxy) stall() { p.once.Do(func() { close(p.stalled) }) }
+
+// within fails the test if f does not return within d; a hang is the
+// failure this guards against, so d is generous.
+func within(t *testing.T, d time.Duration, what string, f func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	select {
+	case <-done:
+	case <-time.After(d):
+		t.Fatalf("%s did not return within %s", what, d)
+	}
+}
+
+// TestRabbitMQReturnsWhileTheBrokerStopsReading (invariant 11): when the
+// broker stops reading (a resource alarm), a publish blocks in the socket
+// write; cancelling its context must end it, and Close must return
+// although the broker never answers the close handshake. The same for
+// Flush of held writes and DeadLetter.
+func TestRabbitMQReturnsWhileTheBrokerStopsReading(t *testing.T) {
+	rt := newRabbitTest(t)
+	u, err := url.Parse(rt.cfg.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, op := range []string{"Publish", "Held", "DeadLetter"} {
+		t.Run(op, func(t *testing.T) {
+			px := newStallingProxy(t, u.Host)
+			cfg := rt.cfg
+			pu := *u
+			pu.Host = px.ln.Addr().String()
+			cfg.URL = pu.String()
+			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+			defer cancel()
+			r, err := DialRabbitMQ(ctx, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			px.stall()
+			// Far more than the socket buffers hold, so the write blocks.
+			m := testMessage("00000000-0000-4000-8000-000000000001", "order.created", strings.Repeat("x", 900<<10))
+			pctx, pcancel := context.WithCancel(context.Background())
+			returned := make(chan error, 1)
+			go func() {
+				var err error
+				switch op {
+				case "Publish":
+					for err == nil {
+						_, err = r.Publish(pctx, m)
+					}
+				case "Held": // writes held for a Flush: blocked in Publish once the buffer fills, or in Flush
+					r.Hold()
+					for i := 0; i < 64 && err == nil; i++ {
+						_, err = r.Publish(pctx, m)
+					}
+					if err == nil {
+						err = r.Flush(pctx)
+					}
+				case "DeadLetter":
+					for err == nil {
+						err = r.DeadLetter(pctx, m, "test")
+					}
+				}
+				returned <- err
+			}()
+			select {
+			case err := <-returned:
+				t.Fatalf("%s returned before the cancel, with %v: the broker was not blocking it", op, err)
+			case <-time.After(500 * time.Millisecond):
+			}
+			pcancel()
+			select {
+			case err := <-returned:
+				t.Logf("%s after the cancel: %v", op, err)
+			case <-time.After(10 * time.Second):
+				t.Fatalf("%s still blocked 10s after its context was cancelled", op)
+			}
+			within(t, 10*time.Second, "Close", func() { _ = r.Close() })
+		})
+	}
 }
