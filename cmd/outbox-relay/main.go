@@ -236,7 +236,14 @@ func cmdRun(args []string, stderr io.Writer) int {
 				TLS:                tlsCfg,
 				Heartbeat:          cfg.AMQPHeartbeat,
 				OnBlocked: func(blocked bool, reason string) {
-					log.Warn().Bool("blocked", blocked).Str("reason", reason).Msg("RabbitMQ flow control")
+					if !m.SetBrokerBlocked(blocked, reason) {
+						return // another connection's notice of the same episode
+					}
+					if blocked {
+						log.Warn().Str("reason", reason).Msg("RabbitMQ blocks publishing (connection.blocked); events wait until the alarm clears")
+					} else {
+						log.Info().Msg("RabbitMQ no longer blocks publishing (connection.unblocked)")
+					}
 				},
 			})
 		},
