@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -38,10 +39,11 @@ const coalesceLimit = 64 << 10
 // only the broker's ack confirms it, so nothing is lost by reporting late.
 type coalescingConn struct {
 	net.Conn
-	mu   sync.Mutex
-	hold bool
-	buf  []byte
-	err  error // sticky: the first failed write
+	interrupted atomic.Bool // writes fail from now on: see interrupt
+	mu          sync.Mutex
+	hold        bool
+	buf         []byte
+	err         error // sticky: the first failed write
 }
 
 func newCoalescingConn(c net.Conn) *coalescingConn {
@@ -109,5 +111,6 @@ func (c *coalescingConn) Flush() error {
 // broker that stops reading (a resource alarm) leaves Write blocked in the
 // kernel with mu held, where nothing else could reach it.
 func (c *coalescingConn) interrupt() {
+	c.interrupted.Store(true)
 	_ = c.Conn.SetWriteDeadline(time.Unix(1, 0))
 }

@@ -9,6 +9,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -44,6 +45,8 @@ type RabbitMQ struct {
 	// not been waited for yet. Only the Wait goroutine touches it.
 	returned map[string]string
 	mu       sync.Mutex // serialises Wait's use of returned with DeadLetter
+
+	blocked atomic.Bool // between connection.blocked and connection.unblocked
 }
 
 // maxShortString is AMQP's limit on a shortstr: the routing key and the
@@ -153,21 +156,20 @@ func (r *RabbitMQ) setup() error {
 	ch.NotifyReturn(r.returns)
 	r.conn.NotifyClose(forward(r.closed))
 	ch.NotifyClose(forward(r.closed))
-	if r.cfg.OnBlocked != nil {
-		blocked := r.conn.NotifyBlocked(make(chan amqp.Blocking, 4))
-		go func() {
-			active := false
-			for b := range blocked {
-				active = b.Active
+	blocked := r.conn.NotifyBlocked(make(chan amqp.Blocking, 4))
+	go func() {
+		for b := range blocked {
+			r.blocked.Store(b.Active)
+			if r.cfg.OnBlocked != nil {
 				r.cfg.OnBlocked(b.Active, b.Reason)
 			}
-			// A closed connection blocks nothing; the next one is told
-			// afresh if the alarm is still on.
-			if active {
-				r.cfg.OnBlocked(false, "connection closed")
-			}
-		}()
-	}
+		}
+		// A closed connection blocks nothing; the next one is told
+		// afresh if the alarm is still on.
+		if r.blocked.Load() && r.cfg.OnBlocked != nil {
+			r.cfg.OnBlocked(false, "connection closed")
+		}
+	}()
 	return nil
 }
 
@@ -516,6 +518,12 @@ const closeTimeout = time.Second
 // Close implements Publisher. It returns within about two closeTimeouts,
 // whatever the broker does.
 func (r *RabbitMQ) Close() error {
+	if r.wire.interrupted.Load() || r.blocked.Load() {
+		// A write was cut off, so the close handshake cannot be sent; or
+		// the broker blocks the connection and does not read it, so it
+		// would never answer.
+		_ = r.wire.Conn.Close()
+	}
 	done := make(chan error, 1)
 	go func() {
 		// Writes fail after the deadline rather than block on a broker

@@ -242,7 +242,8 @@ func cmdRun(args []string, stderr io.Writer) int {
 					if blocked {
 						log.Warn().Str("reason", reason).Msg("RabbitMQ blocks publishing (connection.blocked); events wait until the alarm clears")
 					} else {
-						log.Info().Msg("RabbitMQ no longer blocks publishing (connection.unblocked)")
+						// reason is set when the blocked connection closed instead.
+						log.Info().Str("reason", reason).Msg("RabbitMQ no longer blocks publishing (connection.unblocked)")
 					}
 				},
 			})
