@@ -377,3 +377,44 @@ func TestRabbitMQReturnsWhileTheBrokerStopsReading(t *testing.T) {
 		})
 	}
 }
+
+// TestRabbitMQFrameMaxBoundary: headerFrameSize is exact, not a guess: a
+// message whose content header is exactly frame_max is accepted by Reject
+// and acked by the broker, one byte more is rejected. An estimate too low
+// would let the broker close the connection; one too high would reject
+// good events. (RabbitMQ itself allows 8 bytes more, its FRAME_SIZE_FUDGE:
+// by trial, a frame of frame_max+8 bytes by this count was acked and one of
+// frame_max+9 closed the connection, so the count is exact.)
+func TestRabbitMQFrameMaxBoundary(t *testing.T) {
+	rt := newRabbitTest(t)
+	r := rt.dial(t)
+	limit := r.frameMax()
+	for _, extra := range []int{0, 1} {
+		m := testMessage("00000000-0000-4000-8000-000000000001", "order.created", `{}`)
+		m.AggregateType = ""
+		pub := publishing(m)
+		m.AggregateType = strings.Repeat("a", limit-headerFrameSize(&pub)+extra)
+		reason := r.Reject(m)
+		if extra == 1 {
+			if !strings.Contains(reason, "frame_max") {
+				t.Fatalf("one byte over frame_max: Reject = %q", reason)
+			}
+			continue
+		}
+		if reason != "" {
+			t.Fatalf("exactly frame_max (%d): Reject = %q", limit, reason)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		p, err := r.Publish(ctx, m)
+		if err == nil {
+			var res Result
+			if res, err = p.Wait(ctx); err == nil && res.Outcome != Acked {
+				t.Fatalf("exactly frame_max: %v", res)
+			}
+		}
+		cancel()
+		if err != nil {
+			t.Fatalf("a content header of exactly frame_max (%d bytes) failed: %v", limit, err)
+		}
+	}
+}
