@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -54,6 +55,10 @@ type NATS struct {
 	closeOnce sync.Once
 	mu        sync.Mutex
 	closeErr  error
+
+	rawMu       sync.Mutex
+	raw         net.Conn // the socket under nc
+	interrupted atomic.Bool
 }
 
 // Header names of the NATS message format (docs/sinks.md).
@@ -99,7 +104,7 @@ func DialNATS(ctx context.Context, cfg NATSConfig) (*NATS, error) {
 		nats.Name(cfg.ConnectionName),
 		nats.NoReconnect(),
 		nats.Timeout(15*time.Second),
-		nats.SetCustomDialer(ctxDialer{ctx}),
+		nats.SetCustomDialer(ctxDialer{ctx, n}),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { n.setCloseErr(err) }),
 		nats.ClosedHandler(func(*nats.Conn) { n.closeOnce.Do(func() { close(n.closed) }) }),
 	)
@@ -133,12 +138,45 @@ func DialNATS(ctx context.Context, cfg NATSConfig) (*NATS, error) {
 	return n, nil
 }
 
-// ctxDialer makes the connect honour ctx.
-type ctxDialer struct{ ctx context.Context }
+// ctxDialer makes the connect honour ctx, and keeps the socket so that a
+// write blocked on a server that stopped reading can be cut off.
+type ctxDialer struct {
+	ctx context.Context
+	n   *NATS
+}
 
 func (d ctxDialer) Dial(network, address string) (net.Conn, error) {
 	var nd net.Dialer
-	return nd.DialContext(d.ctx, network, address)
+	c, err := nd.DialContext(d.ctx, network, address)
+	if err == nil {
+		d.n.rawMu.Lock()
+		d.n.raw = c
+		d.n.rawMu.Unlock()
+	}
+	return c, err
+}
+
+func (n *NATS) socket() net.Conn {
+	n.rawMu.Lock()
+	defer n.rawMu.Unlock()
+	return n.raw
+}
+
+// interrupt makes a write blocked in the socket, and every later one, fail
+// at once. nats.go writes with its connection lock held, for up to a
+// minute (FlusherTimeout), and Publish waits for that lock without looking
+// at any context; so a server that stops reading would hold a stopping
+// relay that long.
+func (n *NATS) interrupt() {
+	n.interrupted.Store(true)
+	if c := n.socket(); c != nil {
+		_ = c.SetWriteDeadline(time.Unix(1, 0))
+	}
+}
+
+// interruptOn interrupts the socket if ctx ends before stop is called.
+func (n *NATS) interruptOn(ctx context.Context) (stop func() bool) {
+	return context.AfterFunc(ctx, n.interrupt)
 }
 
 // ensureStream creates the stream when it is missing and checks that an
@@ -338,10 +376,8 @@ func (n *NATS) Publish(ctx context.Context, m *Message) (Pending, error) {
 		msg = natsMessage(m.Key, m)
 	}
 	m.built = nil // a republish builds afresh: the library keeps the one it was given
-	// No retries on "no responders": the library would republish later, out
-	// of order; Wait decides instead.
-	paf, err := n.js.PublishMsgAsync(msg,
-		jetstream.WithRetryAttempts(0), jetstream.WithStallWait(n.cfg.AckTimeout))
+	defer n.interruptOn(ctx)()
+	paf, err := n.publishAsync(ctx, msg)
 	if err != nil {
 		if n.nc.IsClosed() {
 			return nil, fmt.Errorf("publish %s: %w", m.ID, n.closedErr())
@@ -349,6 +385,28 @@ func (n *NATS) Publish(ctx context.Context, m *Message) (Pending, error) {
 		return nil, fmt.Errorf("publish %s to %q: %w", m.ID, m.Key, err)
 	}
 	return &natsPending{n: n, paf: paf, m: m}, nil
+}
+
+// stallStep is how long one attempt waits for room below MaxPending, so
+// that a cancelled context is noticed.
+const stallStep = 100 * time.Millisecond
+
+// publishAsync publishes msg, waiting up to AckTimeout, or until ctx ends,
+// for room below MaxPending.
+func (n *NATS) publishAsync(ctx context.Context, msg *nats.Msg) (jetstream.PubAckFuture, error) {
+	deadline := time.Now().Add(n.cfg.AckTimeout)
+	for {
+		// No retries on "no responders": the library would republish
+		// later, out of order; Wait decides instead.
+		paf, err := n.js.PublishMsgAsync(msg,
+			jetstream.WithRetryAttempts(0), jetstream.WithStallWait(min(stallStep, n.cfg.AckTimeout)))
+		if !errors.Is(err, jetstream.ErrTooManyStalledMsgs) || !time.Now().Before(deadline) {
+			return paf, err
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+	}
 }
 
 // Wait implements Pending. An ack for a message id the stream already
@@ -408,6 +466,7 @@ func (n *NATS) DeadLetter(ctx context.Context, m *Message, reason string) error 
 	msg := n.deadLetterMessage(m, reason)
 	ctx, cancel := context.WithTimeout(ctx, n.cfg.AckTimeout)
 	defer cancel()
+	defer n.interruptOn(ctx)()
 	if _, err := n.js.PublishMsg(ctx, msg, jetstream.WithExpectStream(n.cfg.DeadLetterStream), jetstream.WithRetryAttempts(0)); err != nil {
 		if n.nc.IsClosed() {
 			return fmt.Errorf("dead-letter %s: %w", m.ID, n.closedErr())
@@ -484,7 +543,36 @@ func (n *NATS) deadLetterMessage(m *Message, reason string) *nats.Msg {
 }
 
 // Close implements Publisher.
+//
+// It returns within about two closeTimeouts whatever the server does:
+// nats.go flushes its buffer on close, for up to a minute on a server
+// that does not read, so after closeTimeout the socket is closed under it.
 func (n *NATS) Close() error {
-	n.nc.Close()
-	return nil
+	if n.interrupted.Load() {
+		if c := n.socket(); c != nil {
+			_ = c.Close() // a write was cut off: nothing more can be sent
+		}
+	}
+	done := make(chan struct{})
+	go func() {
+		n.nc.Close()
+		close(done)
+	}()
+	t := time.NewTimer(closeTimeout)
+	defer t.Stop()
+	select {
+	case <-done:
+		return nil
+	case <-t.C:
+	}
+	if c := n.socket(); c != nil {
+		_ = c.Close()
+	}
+	t.Reset(closeTimeout)
+	select {
+	case <-done:
+		return fmt.Errorf("close NATS connection: its buffer was not written within %s; closed the socket", closeTimeout)
+	case <-t.C:
+		return fmt.Errorf("close NATS connection: not closed %s after the socket was closed", closeTimeout)
+	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/url"
 	"strconv"
 	"strings"
 	"testing"
@@ -442,4 +443,60 @@ func listed(v string) map[string]bool {
 		set[k] = true
 	}
 	return set
+}
+
+// TestNATSReturnsWhileTheServerStopsReading (invariant 11): when the
+// server stops reading, nats.go blocks in the socket write with its lock
+// held; a publish whose context is cancelled must return, and so must
+// Close, which flushes.
+func TestNATSReturnsWhileTheServerStopsReading(t *testing.T) {
+	nt := newNATSTest(t)
+	u, err := url.Parse(nt.cfg.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, op := range []string{"Publish", "DeadLetter"} {
+		t.Run(op, func(t *testing.T) {
+			px := newStallingProxy(t, u.Host)
+			cfg := nt.cfg
+			pu := *u
+			pu.Host = px.ln.Addr().String()
+			cfg.URL = pu.String()
+			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+			defer cancel()
+			n, err := DialNATS(ctx, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			px.stall()
+			// Far more than the socket buffers hold, so the write blocks.
+			m := testMessage("00000000-0000-4000-8000-000000000001", nt.prefix+".order.created", strings.Repeat("x", 500<<10))
+			pctx, pcancel := context.WithCancel(context.Background())
+			returned := make(chan error, 1)
+			go func() {
+				var err error
+				for err == nil {
+					if op == "Publish" {
+						_, err = n.Publish(pctx, m)
+					} else {
+						err = n.DeadLetter(pctx, m, "test")
+					}
+				}
+				returned <- err
+			}()
+			select {
+			case err := <-returned:
+				t.Fatalf("%s returned before the cancel, with %v: the server was not blocking it", op, err)
+			case <-time.After(500 * time.Millisecond):
+			}
+			pcancel()
+			select {
+			case err := <-returned:
+				t.Logf("%s after the cancel: %v", op, err)
+			case <-time.After(10 * time.Second):
+				t.Fatalf("%s still blocked 10s after its context was cancelled", op)
+			}
+			within(t, 10*time.Second, "Close", func() { _ = n.Close() })
+		})
+	}
 }
