@@ -229,8 +229,7 @@ func (r *RabbitMQ) Reject(m *Message) string {
 	if r.cfg.MaxMessageBytes > 0 && len(m.Body) > r.cfg.MaxMessageBytes {
 		return fmt.Sprintf("payload is %d bytes; RELAY_MAX_MESSAGE_BYTES is %d", len(m.Body), r.cfg.MaxMessageBytes)
 	}
-	pub := publishing(m)
-	if size, limit := headerFrameSize(&pub), r.frameMax(); size > limit {
+	if size, limit := messageHeaderFrameSize(m), r.frameMax(); size > limit {
 		return fmt.Sprintf("message properties and headers (aggregate_type, aggregate_id, event_type) are %d bytes; "+
 			"the connection's frame_max allows %d", size, limit)
 	}
@@ -470,6 +469,31 @@ func headerFrameSize(pub *amqp.Publishing) int {
 				n += 64 // the relay sets only strings and booleans
 			}
 		}
+	}
+	return n
+}
+
+// messageHeaderFrameSize is headerFrameSize(publishing(m)) without
+// building the publishing, which Reject would otherwise do for every event.
+func messageHeaderFrameSize(m *Message) int {
+	var buf [64]byte
+	occurred := len(m.OccurredAt.UTC().AppendFormat(buf[:0], time.RFC3339Nano))
+	n := 7 + 2 + 2 + 8 + 2 + 1                                     // frame header and end, class, weight, body size, flags
+	n += 1 + len("application/json") + 1 + 1 + len("outbox-relay") // content type, delivery mode, app id
+	if m.ID != "" {
+		n += 1 + len(m.ID)
+	}
+	if m.Type != "" {
+		n += 1 + len(m.Type)
+	}
+	if !m.OccurredAt.IsZero() {
+		n += 8
+	}
+	n += 4 // the headers table's length
+	for _, kv := range [...]struct{ k, v int }{
+		{len("aggregate_type"), len(m.AggregateType)}, {len("aggregate_id"), len(m.AggregateID)}, {len("occurred_at"), occurred},
+	} {
+		n += 1 + kv.k + 1 + 4 + kv.v
 	}
 	return n
 }

@@ -418,3 +418,20 @@ func TestRabbitMQFrameMaxBoundary(t *testing.T) {
 		}
 	}
 }
+
+// TestMessageHeaderFrameSizeMatchesThePublishing: Reject's shortcut counts
+// what publishing builds, for any lengths and timestamps.
+func TestMessageHeaderFrameSizeMatchesThePublishing(t *testing.T) {
+	for _, m := range []*Message{
+		{},
+		testMessage("00000000-0000-4000-8000-000000000001", "order.created", `{}`),
+		{ID: "x", Type: strings.Repeat("t", 300), AggregateType: "日本", AggregateID: "",
+			OccurredAt: time.Date(2024, 1, 2, 3, 4, 5, 0, time.UTC)},
+		{Type: "a", OccurredAt: time.Date(1, 1, 1, 0, 0, 0, 1, time.FixedZone("y", -7200))},
+	} {
+		pub := publishing(m)
+		if got, want := messageHeaderFrameSize(m), headerFrameSize(&pub); got != want {
+			t.Errorf("%+v: messageHeaderFrameSize = %d, headerFrameSize(publishing) = %d", m, got, want)
+		}
+	}
+}
