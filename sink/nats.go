@@ -59,6 +59,7 @@ type NATS struct {
 	rawMu       sync.Mutex
 	raw         net.Conn // the socket under nc
 	interrupted atomic.Bool
+	interrupts  *interrupter // calls interrupt when their context ends mid-call
 }
 
 // Header names of the NATS message format (docs/sinks.md).
@@ -100,6 +101,7 @@ func DialNATS(ctx context.Context, cfg NATSConfig) (*NATS, error) {
 		return nil, errors.New("NATS: Stream, StreamSubjects, DeadLetterStream and DeadLetterSubject are required")
 	}
 	n := &NATS{cfg: cfg, closed: make(chan struct{})}
+	n.interrupts = newInterrupter(n.interrupt)
 	nc, err := nats.Connect(cfg.URL,
 		nats.Name(cfg.ConnectionName),
 		nats.NoReconnect(),
@@ -172,11 +174,6 @@ func (n *NATS) interrupt() {
 	if c := n.socket(); c != nil {
 		_ = c.SetWriteDeadline(time.Unix(1, 0))
 	}
-}
-
-// interruptOn interrupts the socket if ctx ends before stop is called.
-func (n *NATS) interruptOn(ctx context.Context) (stop func() bool) {
-	return context.AfterFunc(ctx, n.interrupt)
 }
 
 // ensureStream creates the stream when it is missing and checks that an
@@ -376,7 +373,7 @@ func (n *NATS) Publish(ctx context.Context, m *Message) (Pending, error) {
 		msg = natsMessage(m.Key, m)
 	}
 	m.built = nil // a republish builds afresh: the library keeps the one it was given
-	defer n.interruptOn(ctx)()
+	defer n.interrupts.during(ctx)()
 	paf, err := n.publishAsync(ctx, msg)
 	if err != nil {
 		if n.nc.IsClosed() {
@@ -466,7 +463,7 @@ func (n *NATS) DeadLetter(ctx context.Context, m *Message, reason string) error 
 	msg := n.deadLetterMessage(m, reason)
 	ctx, cancel := context.WithTimeout(ctx, n.cfg.AckTimeout)
 	defer cancel()
-	defer n.interruptOn(ctx)()
+	defer n.interrupts.once(ctx)()
 	if _, err := n.js.PublishMsg(ctx, msg, jetstream.WithExpectStream(n.cfg.DeadLetterStream), jetstream.WithRetryAttempts(0)); err != nil {
 		if n.nc.IsClosed() {
 			return fmt.Errorf("dead-letter %s: %w", m.ID, n.closedErr())

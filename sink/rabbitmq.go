@@ -47,6 +47,9 @@ type RabbitMQ struct {
 	mu       sync.Mutex // serialises Wait's use of returned with DeadLetter
 
 	blocked atomic.Bool // between connection.blocked and connection.unblocked
+	// interrupt cuts off a write blocked on a broker that stopped reading
+	// when the context of the call ends (see interrupter).
+	interrupt *interrupter
 }
 
 // maxShortString is AMQP's limit on a shortstr: the routing key and the
@@ -75,6 +78,7 @@ func DialRabbitMQ(ctx context.Context, cfg RabbitMQConfig) (*RabbitMQ, error) {
 		closed:   make(chan *amqp.Error, 2),
 		returned: make(map[string]string),
 	}
+	r.interrupt = newInterrupter(wire.interrupt)
 	if err := r.setup(); err != nil {
 		conn.Close()
 		return nil, err
@@ -269,7 +273,7 @@ type rabbitPending struct {
 
 // Publish implements Publisher.
 func (r *RabbitMQ) Publish(ctx context.Context, m *Message) (Pending, error) {
-	defer r.interruptOn(ctx)()
+	defer r.interrupt.during(ctx)()
 	dc, err := r.ch.PublishWithDeferredConfirmWithContext(ctx, r.cfg.Exchange, m.Key, true, false, publishing(m))
 	if err != nil {
 		if r.ch.IsClosed() || r.conn.IsClosed() {
@@ -341,9 +345,9 @@ func (r *RabbitMQ) record(ret amqp.Return, ok bool) {
 // see deadLetterPublishing.
 func (r *RabbitMQ) DeadLetter(ctx context.Context, m *Message, reason string) error {
 	pub := r.deadLetterPublishing(m, reason)
-	stop := r.interruptOn(ctx)
+	end := r.interrupt.during(ctx)
 	dc, err := r.ch.PublishWithDeferredConfirmWithContext(ctx, r.cfg.DeadLetterExchange, "", true, false, pub)
-	stop()
+	end()
 	if err != nil {
 		if r.ch.IsClosed() || r.conn.IsClosed() {
 			return fmt.Errorf("dead-letter %s: %w", m.ID, r.closedErr())
@@ -515,7 +519,7 @@ func (r *RabbitMQ) Hold() { r.wire.Hold() }
 
 // Flush implements Batcher.
 func (r *RabbitMQ) Flush(ctx context.Context) error {
-	defer r.interruptOn(ctx)()
+	defer r.interrupt.during(ctx)()
 	if err := r.wire.Flush(); err != nil {
 		if r.ch.IsClosed() || r.conn.IsClosed() {
 			return fmt.Errorf("write to RabbitMQ: %w", r.closedErr())
@@ -523,16 +527,6 @@ func (r *RabbitMQ) Flush(ctx context.Context) error {
 		return fmt.Errorf("write to RabbitMQ: %w", err)
 	}
 	return nil
-}
-
-// interruptOn makes a write blocked in the connection fail if ctx ends
-// before the returned stop is called. amqp091 does not watch the context
-// once it writes, and a broker that blocks publishers (a resource alarm)
-// stops reading, so without this a cancelled publish would wait for the
-// alarm to clear. The connection is unusable afterwards, which is what the
-// caller's end means anyway: its session is over.
-func (r *RabbitMQ) interruptOn(ctx context.Context) (stop func() bool) {
-	return context.AfterFunc(ctx, r.wire.interrupt)
 }
 
 // closeTimeout bounds Close: the close handshake needs an answer that a
