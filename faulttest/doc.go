@@ -12,4 +12,7 @@
 // seconds: an inactive slot of anyone else on the same server that lags
 // far enough behind is invalidated too (a relay recovers from that by
 // sweeping its table, which is what the test shows).
+// TestStopWhileRabbitMQBlocksPublishers raises RabbitMQ's memory alarm for
+// a few seconds, which blocks every publisher on the broker, not only the
+// relay; it restores the watermark it read before, at cleanup too.
 package faulttest

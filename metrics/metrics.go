@@ -39,8 +39,16 @@ type Metrics struct {
 	Unpublished      prometheus.Gauge
 	OldestUnpublishd prometheus.Gauge
 
+	BrokerBlocked prometheus.Gauge // 1 while RabbitMQ blocks the relay's publishes
+
 	mu    sync.Mutex
 	ready string // "" when ready, otherwise why not
+	// While RabbitMQ blocks publishers (connection.blocked), blockedWhy
+	// is its reason and blockedSince the start of the episode.
+	blocked      bool
+	blockedWhy   string
+	blockedSince time.Time
+	blockedTotal time.Duration // of the episodes that ended
 }
 
 // New registers the relay's metrics and the Go runtime collectors.
@@ -88,7 +96,12 @@ func New() *Metrics {
 		Help: "Rows with published_at IS NULL."})
 	m.OldestUnpublishd = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_oldest_unpublished_age_seconds",
 		Help: "Age of the oldest unpublished row."})
-	for _, c := range []prometheus.Collector{m.EventsPublished, m.EventsSkipped, m.DeadLettered, m.ReplicationLag,
+	m.BrokerBlocked = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_broker_blocked",
+		Help: "1 while RabbitMQ blocks the relay's publishes (connection.blocked: a memory or disk alarm)."})
+	blockedSeconds := prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_broker_blocked_seconds_total",
+		Help: "Time RabbitMQ has blocked the relay's publishes (connection.blocked), the current episode included."},
+		m.blockedSeconds)
+	for _, c := range []prometheus.Collector{m.BrokerBlocked, blockedSeconds, m.EventsPublished, m.EventsSkipped, m.DeadLettered, m.ReplicationLag,
 		m.AckedLSN, m.ReceivedLSN, m.ServerWALEnd, m.ConfirmSeconds, m.DeliverySeconds, m.MarkSeconds, m.StreamDelay, m.Reconnects,
 		m.Retries, m.Standby, m.SweptEvents, m.SlotWALRetained, m.SlotSafeWAL, m.Unpublished, m.OldestUnpublishd} {
 		f(c)
@@ -107,11 +120,56 @@ func (m *Metrics) SetReady(ready bool, why string) {
 	}
 }
 
-// Ready returns "" when ready, else the reason.
+// SetBrokerBlocked records RabbitMQ's connection.blocked (blocked, with
+// its reason) and connection.unblocked. It reports whether the state
+// changed, so that the caller logs each episode once: every connection
+// is told on its own.
+func (m *Metrics) SetBrokerBlocked(blocked bool, reason string) (changed bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if blocked == m.blocked {
+		if blocked {
+			m.blockedWhy = reason
+		}
+		return false
+	}
+	now := time.Now()
+	if blocked {
+		m.blockedSince, m.blockedWhy = now, reason
+		m.BrokerBlocked.Set(1)
+	} else {
+		m.blockedTotal += now.Sub(m.blockedSince)
+		m.blockedWhy = ""
+		m.BrokerBlocked.Set(0)
+	}
+	m.blocked = blocked
+	return true
+}
+
+func (m *Metrics) blockedSeconds() float64 {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	total := m.blockedTotal
+	if m.blocked {
+		total += time.Since(m.blockedSince)
+	}
+	return total.Seconds()
+}
+
+// Ready returns "" when ready, else the reason. While RabbitMQ blocks
+// publishers the relay is not ready either, whatever SetReady said: it
+// streams, but nothing moves.
 func (m *Metrics) Ready() string {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	return m.ready
+	if !m.blocked {
+		return m.ready
+	}
+	why := "blocked by RabbitMQ: " + m.blockedWhy
+	if m.ready != "" {
+		return m.ready + "; " + why
+	}
+	return why
 }
 
 // Handler serves /metrics, /healthz and /readyz.

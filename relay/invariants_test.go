@@ -350,6 +350,107 @@ func TestPoisonEventsAreDeadLettered(t *testing.T) {
 	r.stop(t)
 }
 
+// textFieldEvents are rows whose event_type and aggregate_type (both in
+// the routing key {aggregate_type}.{event_type}) are 0, 1, 255, 256 and
+// 10,000 bytes, and 70,000 and 200,000 (over the NATS header limit and
+// RabbitMQ's frame_max), in ASCII and multibyte UTF-8, alone and together,
+// plus values a NATS header cannot carry as they are. The ids are uuid
+// columns, so their limits are tested in sink/ only.
+func textFieldEvents() []event {
+	text := func(n int, multibyte bool) string {
+		if !multibyte {
+			return strings.Repeat("a", n)
+		}
+		return strings.Repeat("日", n/3) + strings.Repeat("b", n%3)
+	}
+	var evs []event
+	for _, n := range []int{0, 1, 255, 256, 10000, 70000, 200000} {
+		for _, mb := range []bool{false, true} {
+			evs = append(evs,
+				newEvent("order", text(n, mb), `{}`),
+				newEvent(text(n, mb), "created", `{}`),
+				newEvent(text(n, mb), text(n, !mb), `{}`))
+		}
+	}
+	for _, v := range []string{"a\nb", "a\r\nNats-Msg-Id: forged", " lead", "é", "tab\tinside"} {
+		evs = append(evs, newEvent("order", v, `{}`), newEvent(v, "created", `{}`))
+	}
+	return evs
+}
+
+// TestPoisonTextFieldsAreDeadLettered (invariant 8): whatever the lengths
+// and characters of event_type and aggregate_type, each row is either
+// delivered as it is or dead-lettered with its reason; every row is
+// marked and a later normal event is delivered: the stream moves on.
+func TestPoisonTextFieldsAreDeadLettered(t *testing.T) {
+	e := newEnv(t)
+	r := e.start(nil)
+	r.waitStreaming(t)
+	evs := textFieldEvents()
+	e.insertRaw(evs)
+	last := newEvent("order", "created", `{"last":true}`)
+	e.insertTx([]event{last}, true, nil)
+	waitFor(t, 60*time.Second, "the event after the poison rows", func() bool {
+		ids := e.receivedIDs()
+		return len(ids) > 0 && ids[len(ids)-1] == last.ID
+	})
+	waitFor(t, 10*time.Second, "rows marked", func() bool { return e.unpublished() == 0 })
+	got := map[string]string{}
+	for _, d := range e.deliveries() {
+		got[d.MessageId] = "delivered"
+		ev := find(evs, last, d.MessageId)
+		if d.Type != ev.EventType || d.Headers["aggregate_type"] != ev.AggregateType {
+			t.Fatalf("%s delivered with other values than its row's", d.MessageId)
+		}
+	}
+	for _, d := range e.dlq() {
+		if got[d.MessageId] != "" {
+			t.Fatalf("%s both delivered and dead-lettered", d.MessageId)
+		}
+		reason, _ := d.Headers["x-outbox-reason"].(string)
+		if !strings.HasPrefix(reason, "rejected: ") {
+			t.Fatalf("%s dead-lettered with reason %q", d.MessageId, reason)
+		}
+		got[d.MessageId] = reason
+	}
+	for _, ev := range evs {
+		switch {
+		case got[ev.ID] == "":
+			t.Fatalf("row %s (event_type %d bytes, aggregate_type %d bytes) neither delivered nor dead-lettered",
+				ev.ID, len(ev.EventType), len(ev.AggregateType))
+		case len(ev.EventType) > 255 && got[ev.ID] == "delivered",
+			len(ev.AggregateType)+1+len(ev.EventType) > 255 && got[ev.ID] == "delivered":
+			t.Fatalf("row %s delivered with a shortstr over 255 bytes", ev.ID)
+		}
+	}
+	r.stop(t)
+}
+
+// insertRaw inserts events in one transaction with plain SQL: the table
+// takes values (an empty event_type) that the producer package refuses.
+func (e *env) insertRaw(evs []event) {
+	e.t.Helper()
+	var ids, aggTypes, aggIDs, evTypes, payloads []string
+	for _, ev := range evs {
+		ids, aggTypes, aggIDs = append(ids, ev.ID), append(aggTypes, ev.AggregateType), append(aggIDs, ev.AggregateID)
+		evTypes, payloads = append(evTypes, ev.EventType), append(payloads, ev.Payload)
+	}
+	_, err := e.pool.Exec(context.Background(), `INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
+		SELECT i::uuid, t, a::uuid, et, p::jsonb FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+		WITH ORDINALITY AS u(i, t, a, et, p, n) ORDER BY n`, ids, aggTypes, aggIDs, evTypes, payloads)
+	must(e.t, err)
+}
+
+// find returns the event with id among evs and extra.
+func find(evs []event, extra event, id string) event {
+	for _, ev := range evs {
+		if ev.ID == id {
+			return ev
+		}
+	}
+	return extra
+}
+
 // TestUnroutableEventsFollowThePolicy: with no queue bound for a routing
 // key, the default policy dead-letters the event (the broker acks an
 // unroutable mandatory message; only the return tells).

@@ -44,12 +44,18 @@ type natsMsg struct {
 
 func newNATSEnv(t *testing.T) *natsEnv {
 	t.Helper()
+	return newNATSEnvWith(t, ".{aggregate_type}.{event_type}")
+}
+
+// newNATSEnvWith is newNATSEnv with the routing key prefix+template.
+func newNATSEnvWith(t *testing.T, template string) *natsEnv {
+	t.Helper()
 	e := newEnv(t) // its RabbitMQ side stays unused
 	url := testenv.NATS(t)
 	ne := &natsEnv{env: e, prefix: testenv.Name(t, "subj")}
 	e.cfg.Sink = config.SinkNATS
 	e.cfg.NATSURL = url
-	e.cfg.RoutingKey = ne.prefix + ".{aggregate_type}.{event_type}"
+	e.cfg.RoutingKey = ne.prefix + template
 	e.cfg.NATSStream = testenv.Name(t, "events")
 	e.cfg.NATSDeadLetterStream = testenv.Name(t, "dead")
 	e.cfg.NATSDeadLetterSubject = ne.prefix + "_dead_letter.events"
@@ -312,6 +318,64 @@ func TestNATSPoisonEventsAreDeadLettered(t *testing.T) {
 	}
 	if n := ne.streamMsgs(ne.cfg.NATSDeadLetterStream); n != 2 {
 		t.Fatalf("dead-letter stream holds %d messages, want 2", n)
+	}
+	r.stop(t)
+}
+
+// TestNATSPoisonTextFieldsAreDeadLettered: TestPoisonTextFieldsAreDeadLettered
+// for NATS (invariant 8): subjects NATS cannot take, header values it
+// cannot carry as they are and headers over its limit are dead-lettered
+// with the reason, every row is marked and the stream moves on.
+func TestNATSPoisonTextFieldsAreDeadLettered(t *testing.T) {
+	// With event_type out of the subject, only the header limits apply.
+	for _, template := range []string{".{aggregate_type}.{event_type}", ".{aggregate_type}"} {
+		t.Run(template, func(t *testing.T) { natsPoisonTextFields(t, template) })
+	}
+}
+
+func natsPoisonTextFields(t *testing.T, template string) {
+	ne := newNATSEnvWith(t, template)
+	r := ne.start(nil)
+	r.waitStreaming(t)
+	evs := textFieldEvents()
+	ne.insertRaw(evs)
+	last := newEvent("order", "created", `{"last":true}`)
+	ne.insertTx([]event{last}, true, nil)
+	waitFor(t, 60*time.Second, "the event after the poison rows", func() bool {
+		got := ne.received()
+		return len(got) > 0 && got[len(got)-1].header.Get(jetstream.MsgIDHeader) == last.ID
+	})
+	waitFor(t, 10*time.Second, "rows marked", func() bool { return ne.unpublished() == 0 })
+	got := map[string]string{}
+	for _, m := range ne.received() {
+		id := m.header.Get(jetstream.MsgIDHeader)
+		got[id] = "delivered"
+		ev := find(evs, last, id)
+		subject := strings.NewReplacer("{aggregate_type}", ev.AggregateType, "{event_type}", ev.EventType).Replace(ne.prefix + template)
+		if m.header.Get("type") != ev.EventType || m.header.Get("aggregate_type") != ev.AggregateType || m.subject != subject {
+			t.Fatalf("%s delivered with other values than its row's (type %.20q, want %.20q)", id, m.header.Get("type"), ev.EventType)
+		}
+	}
+	s, err := ne.js.Stream(context.Background(), ne.cfg.NATSDeadLetterStream)
+	must(t, err)
+	for seq, n := uint64(1), ne.streamMsgs(ne.cfg.NATSDeadLetterStream); seq <= uint64(n); seq++ {
+		m, err := s.GetMsg(context.Background(), seq)
+		must(t, err)
+		id := m.Header.Get(jetstream.MsgIDHeader)
+		if got[id] != "" {
+			t.Fatalf("%s both delivered and dead-lettered", id)
+		}
+		reason := m.Header.Get("Outbox-Reason")
+		if !strings.HasPrefix(reason, "rejected: ") {
+			t.Fatalf("%s dead-lettered with reason %q", id, reason)
+		}
+		got[id] = reason
+	}
+	for _, ev := range evs {
+		if got[ev.ID] == "" {
+			t.Fatalf("row %s (event_type %d bytes %.20q, aggregate_type %d bytes %.20q) neither delivered nor dead-lettered",
+				ev.ID, len(ev.EventType), ev.EventType, len(ev.AggregateType), ev.AggregateType)
+		}
 	}
 	r.stop(t)
 }

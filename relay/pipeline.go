@@ -44,7 +44,7 @@ func (s *session) publish(ctx context.Context) error {
 			return nil
 		}
 		held = false
-		if err := batcher.Flush(); err != nil {
+		if err := batcher.Flush(ctx); err != nil {
 			return fmt.Errorf("%w: %w", errBroker, err)
 		}
 		return nil

@@ -1,8 +1,11 @@
 package sink
 
 import (
+	"context"
 	"net"
 	"sync"
+	"sync/atomic"
+	"time"
 )
 
 // Batcher is implemented by publishers that can coalesce the writes of many
@@ -14,9 +17,12 @@ import (
 // The caller that holds must Flush before it blocks on anything, above all
 // before it waits for a confirmation or for room in its window: a
 // confirmation cannot arrive for a message still in the buffer.
+//
+// A Flush blocked on a broker that stopped reading (RabbitMQ's resource
+// alarms do that) returns when ctx ends; the connection is then unusable.
 type Batcher interface {
 	Hold()
-	Flush() error
+	Flush(ctx context.Context) error
 }
 
 // coalesceLimit is the buffered size at which a held connection writes out
@@ -33,10 +39,11 @@ const coalesceLimit = 64 << 10
 // only the broker's ack confirms it, so nothing is lost by reporting late.
 type coalescingConn struct {
 	net.Conn
-	mu   sync.Mutex
-	hold bool
-	buf  []byte
-	err  error // sticky: the first failed write
+	interrupted atomic.Bool // writes fail from now on: see interrupt
+	mu          sync.Mutex
+	hold        bool
+	buf         []byte
+	err         error // sticky: the first failed write
 }
 
 func newCoalescingConn(c net.Conn) *coalescingConn {
@@ -97,4 +104,13 @@ func (c *coalescingConn) Flush() error {
 		return c.err
 	}
 	return c.flushLocked()
+}
+
+// interrupt makes a write blocked in the connection, and every later one,
+// fail at once. It does not take mu, which the blocked write holds: a
+// broker that stops reading (a resource alarm) leaves Write blocked in the
+// kernel with mu held, where nothing else could reach it.
+func (c *coalescingConn) interrupt() {
+	c.interrupted.Store(true)
+	_ = c.Conn.SetWriteDeadline(time.Unix(1, 0))
 }

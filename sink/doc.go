@@ -18,7 +18,23 @@
 //     nack: the relay then reconnects and republishes everything that was not
 //     confirmed, in order.
 //   - Messages the broker can never accept (Reject) are not published; the
-//     relay sends them to the dead-letter exchange instead.
+//     relay sends them to the dead-letter exchange instead. Reject catches
+//     everything that would otherwise end the connection rather than come
+//     back as a nack: a routing key, type or message_id over 255 bytes
+//     (amqp091 cannot encode the shortstr and shuts the connection down)
+//     and a content header over frame_max (RabbitMQ closes the connection).
+//   - The dead-letter copy can never be refused for anything in the message
+//     (invariant 8): a type or message_id too long for a shortstr moves to
+//     a header, header values are cut until the content header fits
+//     frame_max, and a payload over the limit is left out; headers
+//     (x-outbox-moved, x-outbox-cut, x-outbox-payload-omitted) say so.
+//   - A broker that blocks publishers (connection.blocked, a resource
+//     alarm) stops reading the socket, and amqp091 then blocks in its write
+//     whatever the context says. When the context of Publish, DeadLetter or
+//     Flush ends mid-call, the socket gets a past write deadline, which
+//     fails the write; Close gives up on the close handshake after a second
+//     (at once while blocked) and closes the socket. So every call returns
+//     soon after its context ends, and a stop is never held by the broker.
 //   - With a backlog, the relay holds the connection's writes (Batcher)
 //     while it publishes the events already waiting and flushes before it
 //     waits for anything, so many publishes cost one TCP write. A publish
@@ -41,6 +57,12 @@
 //     (lost connection, ack timeout, JetStream unavailable) is an error:
 //     the relay reconnects and republishes in order.
 //   - Reject refuses subjects NATS cannot take (empty tokens, white space,
-//     wildcards) and messages over the server's max_payload, which would
-//     otherwise close the connection on every retry.
+//     wildcards), messages over the server's max_payload, which would
+//     otherwise close the connection on every retry, headers over
+//     JetStream's 64 KiB, and header values nats.go would alter (CR, LF and
+//     other control characters, white space at the ends). The dead-letter
+//     copy quotes such values and cuts the longest ones until it fits
+//     (Outbox-Quoted, Outbox-Cut), so it is never refused.
+//   - A cancelled Publish or DeadLetter cuts off a write blocked on a server
+//     that stopped reading, and Close closes the socket after a second.
 package sink

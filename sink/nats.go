@@ -5,8 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/textproto"
+	"sort"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -51,6 +55,11 @@ type NATS struct {
 	closeOnce sync.Once
 	mu        sync.Mutex
 	closeErr  error
+
+	rawMu       sync.Mutex
+	raw         net.Conn // the socket under nc
+	interrupted atomic.Bool
+	interrupts  *interrupter // calls interrupt when their context ends mid-call
 }
 
 // Header names of the NATS message format (docs/sinks.md).
@@ -92,11 +101,12 @@ func DialNATS(ctx context.Context, cfg NATSConfig) (*NATS, error) {
 		return nil, errors.New("NATS: Stream, StreamSubjects, DeadLetterStream and DeadLetterSubject are required")
 	}
 	n := &NATS{cfg: cfg, closed: make(chan struct{})}
+	n.interrupts = newInterrupter(n.interrupt)
 	nc, err := nats.Connect(cfg.URL,
 		nats.Name(cfg.ConnectionName),
 		nats.NoReconnect(),
 		nats.Timeout(15*time.Second),
-		nats.SetCustomDialer(ctxDialer{ctx}),
+		nats.SetCustomDialer(ctxDialer{ctx, n}),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) { n.setCloseErr(err) }),
 		nats.ClosedHandler(func(*nats.Conn) { n.closeOnce.Do(func() { close(n.closed) }) }),
 	)
@@ -130,12 +140,40 @@ func DialNATS(ctx context.Context, cfg NATSConfig) (*NATS, error) {
 	return n, nil
 }
 
-// ctxDialer makes the connect honour ctx.
-type ctxDialer struct{ ctx context.Context }
+// ctxDialer makes the connect honour ctx, and keeps the socket so that a
+// write blocked on a server that stopped reading can be cut off.
+type ctxDialer struct {
+	ctx context.Context
+	n   *NATS
+}
 
 func (d ctxDialer) Dial(network, address string) (net.Conn, error) {
 	var nd net.Dialer
-	return nd.DialContext(d.ctx, network, address)
+	c, err := nd.DialContext(d.ctx, network, address)
+	if err == nil {
+		d.n.rawMu.Lock()
+		d.n.raw = c
+		d.n.rawMu.Unlock()
+	}
+	return c, err
+}
+
+func (n *NATS) socket() net.Conn {
+	n.rawMu.Lock()
+	defer n.rawMu.Unlock()
+	return n.raw
+}
+
+// interrupt makes a write blocked in the socket, and every later one, fail
+// at once. nats.go writes with its connection lock held, for up to a
+// minute (FlusherTimeout), and Publish waits for that lock without looking
+// at any context; so a server that stops reading would hold a stopping
+// relay that long.
+func (n *NATS) interrupt() {
+	n.interrupted.Store(true)
+	if c := n.socket(); c != nil {
+		_ = c.SetWriteDeadline(time.Unix(1, 0))
+	}
 }
 
 // ensureStream creates the stream when it is missing and checks that an
@@ -250,14 +288,24 @@ func natsMessage(subject string, m *Message) *nats.Msg {
 	}
 }
 
-// Reject implements Publisher: invalid subjects, and messages bigger than
-// the server's max_payload (which would close the connection), the
-// stream's max_msg_size or MaxMessageBytes.
+// Reject implements Publisher: invalid subjects, header values that NATS
+// cannot carry as they are, and messages bigger than the server's
+// max_payload (which would close the connection), the stream's
+// max_msg_size or MaxMessageBytes.
 func (n *NATS) Reject(m *Message) string {
 	if reason := ValidSubject(m.Key); reason != "" {
 		return reason
 	}
 	msg := natsMessage(m.Key, m)
+	for _, k := range natsMessageHeaders {
+		if why := headerValueProblem(msg.Header.Get(k)); why != "" {
+			return fmt.Sprintf("header %s (%s) %s; NATS headers cannot carry it as it is", k, natsHeaderSource[k], why)
+		}
+	}
+	if size := headerSize(msg.Header); size > maxHeaderBytes {
+		return fmt.Sprintf("headers are %d bytes (id, aggregate_type, aggregate_id, event_type); JetStream allows at most %d",
+			size, maxHeaderBytes)
+	}
 	if size := msg.Size() - len(msg.Subject); size > n.maxPayload {
 		// Not kept: a rejected message is dead-lettered, never published,
 		// and a kept one would hold its payload until the item is gone.
@@ -265,6 +313,46 @@ func (n *NATS) Reject(m *Message) string {
 			"the stream's max_msg_size and RELAY_MAX_MESSAGE_BYTES)", size, n.maxPayload)
 	}
 	m.built = msg
+	return ""
+}
+
+// maxHeaderBytes is JetStream's limit on a message's headers: a bigger
+// message is refused with err_code 10097 ("header size exceeds maximum
+// allowed of 64k"), which is no verdict the relay could act on.
+const maxHeaderBytes = 65535
+
+// headerSize is the size of h as nats.go encodes it.
+func headerSize(h nats.Header) int {
+	n := len("NATS/1.0\r\n") + len("\r\n")
+	for k, vs := range h {
+		for _, v := range vs {
+			n += len(k) + len(": ") + len(textproto.TrimString(v)) + len("\r\n")
+		}
+	}
+	return n
+}
+
+// natsMessageHeaders are the headers natsMessage fills from the row.
+var natsMessageHeaders = []string{jetstream.MsgIDHeader, natsHeaderType, natsHeaderAggregateType, natsHeaderAggregateID}
+
+var natsHeaderSource = map[string]string{
+	jetstream.MsgIDHeader: "the id", natsHeaderType: "the event_type",
+	natsHeaderAggregateType: "the aggregate_type", natsHeaderAggregateID: "the aggregate_id",
+}
+
+// headerValueProblem says why v would not arrive as it is in a NATS header,
+// or "". nats.go replaces CR and LF with spaces and trims leading and
+// trailing white space; other control characters break readers that follow
+// the header format (ADR-4, Go's textproto).
+func headerValueProblem(v string) string {
+	if textproto.TrimString(v) != v {
+		return "has leading or trailing white space"
+	}
+	for i := 0; i < len(v); i++ {
+		if c := v[i]; c < 0x20 && c != '\t' || c == 0x7f {
+			return fmt.Sprintf("contains the control character %q", c)
+		}
+	}
 	return ""
 }
 
@@ -287,10 +375,8 @@ func (n *NATS) Publish(ctx context.Context, m *Message) (Pending, error) {
 		msg = natsMessage(m.Key, m)
 	}
 	m.built = nil // a republish builds afresh: the library keeps the one it was given
-	// No retries on "no responders": the library would republish later, out
-	// of order; Wait decides instead.
-	paf, err := n.js.PublishMsgAsync(msg,
-		jetstream.WithRetryAttempts(0), jetstream.WithStallWait(n.cfg.AckTimeout))
+	defer n.interrupts.during(ctx)()
+	paf, err := n.publishAsync(ctx, msg)
 	if err != nil {
 		if n.nc.IsClosed() {
 			return nil, fmt.Errorf("publish %s: %w", m.ID, n.closedErr())
@@ -298,6 +384,28 @@ func (n *NATS) Publish(ctx context.Context, m *Message) (Pending, error) {
 		return nil, fmt.Errorf("publish %s to %q: %w", m.ID, m.Key, err)
 	}
 	return &natsPending{n: n, paf: paf, m: m}, nil
+}
+
+// stallStep is how long one attempt waits for room below MaxPending, so
+// that a cancelled context is noticed.
+const stallStep = 100 * time.Millisecond
+
+// publishAsync publishes msg, waiting up to AckTimeout, or until ctx ends,
+// for room below MaxPending.
+func (n *NATS) publishAsync(ctx context.Context, msg *nats.Msg) (jetstream.PubAckFuture, error) {
+	deadline := time.Now().Add(n.cfg.AckTimeout)
+	for {
+		// No retries on "no responders": the library would republish
+		// later, out of order; Wait decides instead.
+		paf, err := n.js.PublishMsgAsync(msg,
+			jetstream.WithRetryAttempts(0), jetstream.WithStallWait(min(stallStep, n.cfg.AckTimeout)))
+		if !errors.Is(err, jetstream.ErrTooManyStalledMsgs) || !time.Now().Before(deadline) {
+			return paf, err
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+	}
 }
 
 // Wait implements Pending. An ack for a message id the stream already
@@ -350,17 +458,14 @@ func (n *NATS) verdict(ctx context.Context, m *Message, err error) (Result, erro
 // DeadLetter implements Publisher: it publishes m to DeadLetterSubject with
 // the reason and waits for the ack. The message id is kept, so a repeated
 // dead-letter after a crash is deduplicated too.
+//
+// The copy can never be refused for anything in the message (invariant 8):
+// see deadLetterMessage.
 func (n *NATS) DeadLetter(ctx context.Context, m *Message, reason string) error {
-	msg := natsMessage(n.cfg.DeadLetterSubject, m)
-	msg.Header[natsHeaderReason] = []string{reason}
-	msg.Header[natsHeaderSubject] = []string{truncate(m.Key, maxSubjectBytes)}
-	if msg.Size()-len(msg.Subject) > n.maxPayload {
-		// The server would refuse the body too: dead-letter the facts only.
-		msg.Data = nil
-		msg.Header[natsHeaderOmitted] = []string{"true"}
-	}
+	msg := n.deadLetterMessage(m, reason)
 	ctx, cancel := context.WithTimeout(ctx, n.cfg.AckTimeout)
 	defer cancel()
+	defer n.interrupts.once(ctx)()
 	if _, err := n.js.PublishMsg(ctx, msg, jetstream.WithExpectStream(n.cfg.DeadLetterStream), jetstream.WithRetryAttempts(0)); err != nil {
 		if n.nc.IsClosed() {
 			return fmt.Errorf("dead-letter %s: %w", m.ID, n.closedErr())
@@ -370,15 +475,103 @@ func (n *NATS) DeadLetter(ctx context.Context, m *Message, reason string) error 
 	return nil
 }
 
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
+// Headers that say how a dead-letter copy differs from the message.
+const (
+	// natsHeaderQuoted lists the headers whose values NATS could not carry
+	// as they are (headerValueProblem): each holds the Go-quoted value.
+	natsHeaderQuoted = "Outbox-Quoted"
+	// natsHeaderCut lists the headers whose values were cut so that the
+	// message fits the size limit.
+	natsHeaderCut = "Outbox-Cut"
+)
+
+// deadLetterMessage is the dead-letter copy of m: header values NATS cannot
+// carry are quoted, the payload is left out when the message is over the
+// size limit, and then the longest header values are cut (at a UTF-8
+// boundary) until it fits; headers say which of these happened.
+func (n *NATS) deadLetterMessage(m *Message, reason string) *nats.Msg {
+	msg := natsMessage(n.cfg.DeadLetterSubject, m)
+	msg.Header[natsHeaderReason] = []string{reason}
+	msg.Header[natsHeaderSubject] = []string{m.Key}
+	var quoted []string
+	for k, vs := range msg.Header {
+		if headerValueProblem(vs[0]) != "" {
+			msg.Header[k] = []string{strconv.QuoteToASCII(vs[0])}
+			quoted = append(quoted, k)
+		}
 	}
-	return s[:n]
+	if len(quoted) > 0 {
+		sort.Strings(quoted)
+		msg.Header[natsHeaderQuoted] = []string{strings.Join(quoted, ",")}
+	}
+	// Room for the Outbox-Cut and Outbox-Payload-Omitted headers.
+	limit := n.maxPayload - 256
+	if msg.Size()-len(msg.Subject) > limit {
+		// The server would refuse the body too: dead-letter the facts only.
+		msg.Data = nil
+		msg.Header[natsHeaderOmitted] = []string{"true"}
+	}
+	over := func() int {
+		return max(msg.Size()-len(msg.Subject)-limit, headerSize(msg.Header)-(maxHeaderBytes-256))
+	}
+	cut := map[string]bool{}
+	for excess := over(); excess > 0; excess = over() {
+		longest, l := "", -1
+		for k, vs := range msg.Header {
+			if len(vs[0]) > l || len(vs[0]) == l && k < longest {
+				longest, l = k, len(vs[0])
+			}
+		}
+		if l <= 0 {
+			break // nothing left to cut; cannot happen with the relay's headers
+		}
+		// Cutting may expose trailing white space, which nats.go would trim.
+		v := strings.TrimRight(cutUTF8(msg.Header[longest][0], max(0, l-excess)), " \t")
+		msg.Header[longest] = []string{v}
+		cut[longest] = true
+	}
+	if len(cut) > 0 {
+		names := make([]string, 0, len(cut))
+		for k := range cut {
+			names = append(names, k)
+		}
+		sort.Strings(names)
+		msg.Header[natsHeaderCut] = []string{strings.Join(names, ",")}
+	}
+	return msg
 }
 
 // Close implements Publisher.
+//
+// It returns within about two closeTimeouts whatever the server does:
+// nats.go flushes its buffer on close, for up to a minute on a server
+// that does not read, so after closeTimeout the socket is closed under it.
 func (n *NATS) Close() error {
-	n.nc.Close()
-	return nil
+	if n.interrupted.Load() {
+		if c := n.socket(); c != nil {
+			_ = c.Close() // a write was cut off: nothing more can be sent
+		}
+	}
+	done := make(chan struct{})
+	go func() {
+		n.nc.Close()
+		close(done)
+	}()
+	t := time.NewTimer(closeTimeout)
+	defer t.Stop()
+	select {
+	case <-done:
+		return nil
+	case <-t.C:
+	}
+	if c := n.socket(); c != nil {
+		_ = c.Close()
+	}
+	t.Reset(closeTimeout)
+	select {
+	case <-done:
+		return fmt.Errorf("close NATS connection: its buffer was not written within %s; closed the socket", closeTimeout)
+	case <-t.C:
+		return fmt.Errorf("close NATS connection: not closed %s after the socket was closed", closeTimeout)
+	}
 }

@@ -3,6 +3,9 @@ package sink
 import (
 	"context"
 	"errors"
+	"fmt"
+	"net/url"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -326,5 +329,174 @@ func TestNATSClosedConnectionIsAnError(t *testing.T) {
 	}
 	if err == nil && res.Outcome != Acked {
 		t.Fatalf("Wait = %+v, want an error or the ack that beat the close", res)
+	}
+}
+
+// TestNATSRejectAndDeadLetterEveryField (invariant 8): for every text field
+// that reaches a NATS subject or header, at 0, 1, 255, 256 and 10,000 bytes
+// and over max_payload, in ASCII and multibyte UTF-8, with the characters a
+// header cannot carry, and in combination: a message Reject accepts is
+// stored with every header exactly as sent, and the dead-letter copy of
+// every message, accepted or not, is stored, with its reason and the
+// values it could not carry as they are listed as quoted or cut.
+func TestNATSRejectAndDeadLetterEveryField(t *testing.T) {
+	nt := newNATSTest(t)
+	n := nt.dial(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	events, err := nt.js.Stream(ctx, nt.cfg.Stream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dead, err := nt.js.Stream(ctx, nt.cfg.DeadLetterStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	big := n.maxPayload + 1
+	text := func(size int, multibyte bool) string {
+		if !multibyte {
+			return strings.Repeat("a", size)
+		}
+		return strings.Repeat("日", size/3) + strings.Repeat("b", size%3)
+	}
+	var values []string
+	for _, size := range []int{0, 1, 255, 256, 10000, big} {
+		values = append(values, text(size, false), text(size, true))
+	}
+	values = append(values, "a\nb", "a\r\nNats-Msg-Id: forged", " lead", "trail ", "tab\tinside", "nul\x00", "del\x7f", "é")
+	fields := map[string]func(m *Message, v string){
+		"event_type":     func(m *Message, v string) { m.Type = v },
+		"aggregate_type": func(m *Message, v string) { m.AggregateType = v },
+		"aggregate_id":   func(m *Message, v string) { m.AggregateID = v },
+		"id":             func(m *Message, v string) { m.ID = v },
+		"subject":        func(m *Message, v string) { m.Key = nt.prefix + "." + v },
+	}
+	seq := 0
+	check := func(desc string, m *Message) {
+		t.Helper()
+		if reason := n.Reject(m); reason == "" {
+			p, err := n.Publish(ctx, m)
+			if err != nil {
+				t.Fatalf("%s: Reject accepted it but Publish failed: %v", desc, err)
+			}
+			if res := waitResult(t, p); res.Outcome != Acked {
+				t.Fatalf("%s: Reject accepted it but the stream did not ack it: %v", desc, res)
+			}
+			got, err := events.GetLastMsgForSubject(ctx, m.Key)
+			if err != nil {
+				t.Fatalf("%s: %v", desc, err)
+			}
+			h := got.Header
+			if h.Get(jetstream.MsgIDHeader) != m.ID || h.Get("type") != m.Type ||
+				h.Get("aggregate_type") != m.AggregateType || h.Get("aggregate_id") != m.AggregateID {
+				t.Fatalf("%s: Reject accepted it but the stored headers differ from the message", desc)
+			}
+		}
+		const reason = "test:\npoison"
+		if err := n.DeadLetter(ctx, m, reason); err != nil {
+			t.Fatalf("%s: dead-letter copy refused: %v", desc, err)
+		}
+		d, err := dead.GetLastMsgForSubject(ctx, nt.cfg.DeadLetterSubject)
+		if err != nil {
+			t.Fatalf("%s: %v", desc, err)
+		}
+		h := d.Header
+		quoted, cut := listed(h.Get(natsHeaderQuoted)), listed(h.Get(natsHeaderCut))
+		for k, want := range map[string]string{
+			jetstream.MsgIDHeader: m.ID, "type": m.Type, "aggregate_type": m.AggregateType,
+			"aggregate_id": m.AggregateID, natsHeaderSubject: m.Key, natsHeaderReason: reason,
+		} {
+			got := h.Get(k)
+			if cut[k] {
+				continue
+			}
+			if quoted[k] {
+				if got, err = strconv.Unquote(got); err != nil {
+					t.Fatalf("%s: header %s listed as quoted: %v", desc, k, err)
+				}
+			}
+			if got != want {
+				t.Fatalf("%s: dead-letter header %s differs from the message without saying so", desc, k)
+			}
+		}
+		seq++
+	}
+	for name, set := range fields {
+		for i, v := range values {
+			m := testMessage(fmt.Sprintf("00000000-0000-4000-8000-%012d", seq), nt.prefix+".order.created", `{"n":1}`)
+			set(m, v)
+			check(fmt.Sprintf("%s value %d (%d bytes)", name, i, len(v)), m)
+		}
+	}
+	for i, v := range values {
+		// A new id: the stream deduplicates the ids used above.
+		m := testMessage(fmt.Sprintf("%s-%d", v, i), nt.prefix+"."+v, strings.Repeat("x", big))
+		m.Type, m.AggregateType, m.AggregateID = v, v, v
+		check(fmt.Sprintf("every field value %d (%d bytes)", i, len(v)), m)
+	}
+}
+
+// listed is the set of names in a comma-separated header value.
+func listed(v string) map[string]bool {
+	set := map[string]bool{}
+	for _, k := range strings.Split(v, ",") {
+		set[k] = true
+	}
+	return set
+}
+
+// TestNATSReturnsWhileTheServerStopsReading (invariant 11): when the
+// server stops reading, nats.go blocks in the socket write with its lock
+// held; a publish whose context is cancelled must return, and so must
+// Close, which flushes.
+func TestNATSReturnsWhileTheServerStopsReading(t *testing.T) {
+	nt := newNATSTest(t)
+	u, err := url.Parse(nt.cfg.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, op := range []string{"Publish", "DeadLetter"} {
+		t.Run(op, func(t *testing.T) {
+			px := newStallingProxy(t, u.Host)
+			cfg := nt.cfg
+			pu := *u
+			pu.Host = px.ln.Addr().String()
+			cfg.URL = pu.String()
+			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+			defer cancel()
+			n, err := DialNATS(ctx, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			px.stall()
+			// Far more than the socket buffers hold, so the write blocks.
+			m := testMessage("00000000-0000-4000-8000-000000000001", nt.prefix+".order.created", strings.Repeat("x", 500<<10))
+			pctx, pcancel := context.WithCancel(context.Background())
+			returned := make(chan error, 1)
+			go func() {
+				var err error
+				for err == nil {
+					if op == "Publish" {
+						_, err = n.Publish(pctx, m)
+					} else {
+						err = n.DeadLetter(pctx, m, "test")
+					}
+				}
+				returned <- err
+			}()
+			select {
+			case err := <-returned:
+				t.Fatalf("%s returned before the cancel, with %v: the server was not blocking it", op, err)
+			case <-time.After(500 * time.Millisecond):
+			}
+			pcancel()
+			select {
+			case err := <-returned:
+				t.Logf("%s after the cancel: %v", op, err)
+			case <-time.After(10 * time.Second):
+				t.Fatalf("%s still blocked 10s after its context was cancelled", op)
+			}
+			within(t, 10*time.Second, "Close", func() { _ = n.Close() })
+		})
 	}
 }

@@ -6,8 +6,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sort"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 )
@@ -21,7 +25,11 @@ type RabbitMQConfig struct {
 	TLS                *tls.Config   // for amqps://; nil uses the system roots
 	Heartbeat          time.Duration // AMQP heartbeat; a silent broker is detected within about twice this
 	ConnectionName     string
-	OnBlocked          func(blocked bool, reason string) // flow control notifications; may be nil
+	// OnBlocked receives RabbitMQ's connection.blocked and
+	// connection.unblocked notifications (a resource alarm: publishes
+	// wait until it clears), and an unblock when a blocked connection
+	// closes; may be nil. It is called from one goroutine per connection.
+	OnBlocked func(blocked bool, reason string)
 }
 
 // RabbitMQ publishes with confirms on one channel.
@@ -37,9 +45,15 @@ type RabbitMQ struct {
 	// not been waited for yet. Only the Wait goroutine touches it.
 	returned map[string]string
 	mu       sync.Mutex // serialises Wait's use of returned with DeadLetter
+
+	blocked atomic.Bool // between connection.blocked and connection.unblocked
+	// interrupt cuts off a write blocked on a broker that stopped reading
+	// when the context of the call ends (see interrupter).
+	interrupt *interrupter
 }
 
-// maxShortString is AMQP's limit on a routing key.
+// maxShortString is AMQP's limit on a shortstr: the routing key and the
+// type and message_id properties.
 const maxShortString = 255
 
 // DialRabbitMQ connects, declares the topology and enables confirms.
@@ -64,6 +78,7 @@ func DialRabbitMQ(ctx context.Context, cfg RabbitMQConfig) (*RabbitMQ, error) {
 		closed:   make(chan *amqp.Error, 2),
 		returned: make(map[string]string),
 	}
+	r.interrupt = newInterrupter(wire.interrupt)
 	if err := r.setup(); err != nil {
 		conn.Close()
 		return nil, err
@@ -145,14 +160,20 @@ func (r *RabbitMQ) setup() error {
 	ch.NotifyReturn(r.returns)
 	r.conn.NotifyClose(forward(r.closed))
 	ch.NotifyClose(forward(r.closed))
-	if r.cfg.OnBlocked != nil {
-		blocked := r.conn.NotifyBlocked(make(chan amqp.Blocking, 4))
-		go func() {
-			for b := range blocked {
+	blocked := r.conn.NotifyBlocked(make(chan amqp.Blocking, 4))
+	go func() {
+		for b := range blocked {
+			r.blocked.Store(b.Active)
+			if r.cfg.OnBlocked != nil {
 				r.cfg.OnBlocked(b.Active, b.Reason)
 			}
-		}()
-	}
+		}
+		// A closed connection blocks nothing; the next one is told
+		// afresh if the alarm is still on.
+		if r.blocked.Load() && r.cfg.OnBlocked != nil {
+			r.cfg.OnBlocked(false, "connection closed")
+		}
+	}()
 	return nil
 }
 
@@ -195,15 +216,36 @@ func (r *RabbitMQ) closedErr() error {
 	return ErrClosed
 }
 
-// Reject implements Publisher.
+// Reject implements Publisher: it refuses every message that the client
+// library or the broker would refuse, since such a publish does not come
+// back as a nack but ends the connection (amqp091 fails to encode a
+// shortstr over 255 bytes and shuts the connection down; RabbitMQ closes a
+// connection whose content header exceeds frame_max). The relay sends these
+// to the dead-letter exchange instead.
 func (r *RabbitMQ) Reject(m *Message) string {
-	if len(m.Key) > maxShortString {
-		return fmt.Sprintf("routing key is %d bytes; AMQP allows at most %d", len(m.Key), maxShortString)
+	for _, f := range []struct{ name, v string }{
+		{"routing key", m.Key}, {"event_type (the type property)", m.Type}, {"id (the message_id property)", m.ID},
+	} {
+		if len(f.v) > maxShortString {
+			return fmt.Sprintf("%s is %d bytes; AMQP allows at most %d", f.name, len(f.v), maxShortString)
+		}
 	}
 	if r.cfg.MaxMessageBytes > 0 && len(m.Body) > r.cfg.MaxMessageBytes {
 		return fmt.Sprintf("payload is %d bytes; RELAY_MAX_MESSAGE_BYTES is %d", len(m.Body), r.cfg.MaxMessageBytes)
 	}
+	if size, limit := messageHeaderFrameSize(m), r.frameMax(); size > limit {
+		return fmt.Sprintf("message properties and headers (aggregate_type, aggregate_id, event_type) are %d bytes; "+
+			"the connection's frame_max allows %d", size, limit)
+	}
 	return ""
+}
+
+// frameMax is the largest frame the connection may send, as negotiated.
+func (r *RabbitMQ) frameMax() int {
+	if n := r.conn.Config.FrameSize; n > 0 {
+		return n
+	}
+	return 131072 // RabbitMQ's default
 }
 
 func publishing(m *Message) amqp.Publishing {
@@ -231,6 +273,7 @@ type rabbitPending struct {
 
 // Publish implements Publisher.
 func (r *RabbitMQ) Publish(ctx context.Context, m *Message) (Pending, error) {
+	defer r.interrupt.during(ctx)()
 	dc, err := r.ch.PublishWithDeferredConfirmWithContext(ctx, r.cfg.Exchange, m.Key, true, false, publishing(m))
 	if err != nil {
 		if r.ch.IsClosed() || r.conn.IsClosed() {
@@ -297,23 +340,21 @@ func (r *RabbitMQ) record(ret amqp.Return, ok bool) {
 
 // DeadLetter implements Publisher. Call it only from the goroutine that calls
 // Wait, between Waits.
+//
+// The copy can never be refused for anything in the message (invariant 8):
+// see deadLetterPublishing.
 func (r *RabbitMQ) DeadLetter(ctx context.Context, m *Message, reason string) error {
-	pub := publishing(m)
-	pub.Headers["x-outbox-reason"] = reason
-	pub.Headers["x-outbox-exchange"] = r.cfg.Exchange
-	if len(m.Key) <= maxShortString {
-		pub.Headers["x-outbox-routing-key"] = m.Key
-	}
-	if r.cfg.MaxMessageBytes > 0 && len(pub.Body) > r.cfg.MaxMessageBytes {
-		// The broker would refuse the body too: dead-letter the facts only.
-		pub.Body = nil
-		pub.Headers["x-outbox-payload-omitted"] = true
-	}
+	pub := r.deadLetterPublishing(m, reason)
+	end := r.interrupt.during(ctx)
 	dc, err := r.ch.PublishWithDeferredConfirmWithContext(ctx, r.cfg.DeadLetterExchange, "", true, false, pub)
+	end()
 	if err != nil {
+		if r.ch.IsClosed() || r.conn.IsClosed() {
+			return fmt.Errorf("dead-letter %s: %w", m.ID, r.closedErr())
+		}
 		return fmt.Errorf("dead-letter %s: %w", m.ID, err)
 	}
-	res, err := (&rabbitPending{r: r, dc: dc, id: m.ID}).Wait(ctx)
+	res, err := (&rabbitPending{r: r, dc: dc, id: pub.MessageId}).Wait(ctx)
 	if err != nil {
 		return fmt.Errorf("dead-letter %s: %w", m.ID, err)
 	}
@@ -323,11 +364,162 @@ func (r *RabbitMQ) DeadLetter(ctx context.Context, m *Message, reason string) er
 	return nil
 }
 
+// Headers of a dead-lettered message besides the contract's.
+const (
+	amqpHeaderReason     = "x-outbox-reason"
+	amqpHeaderExchange   = "x-outbox-exchange"
+	amqpHeaderRoutingKey = "x-outbox-routing-key"
+	amqpHeaderOmitted    = "x-outbox-payload-omitted"
+	// amqpHeaderMoved lists the properties (type, message_id) too long for
+	// a shortstr: each is left empty and its value is in x-outbox-<name>.
+	amqpHeaderMoved = "x-outbox-moved"
+	// amqpHeaderCut lists the headers whose values were cut so that the
+	// content header fits in one frame.
+	amqpHeaderCut = "x-outbox-cut"
+)
+
+// deadLetterPublishing is the dead-letter copy of m: properties too long
+// for a shortstr move into headers (longstr), header values are cut until
+// the content header fits frame_max, and a body over RELAY_MAX_MESSAGE_BYTES
+// is left out; headers say which of these happened.
+func (r *RabbitMQ) deadLetterPublishing(m *Message, reason string) amqp.Publishing {
+	pub := publishing(m)
+	pub.Headers[amqpHeaderReason] = reason
+	pub.Headers[amqpHeaderExchange] = r.cfg.Exchange
+	pub.Headers[amqpHeaderRoutingKey] = m.Key
+	var moved []string
+	for _, p := range []struct {
+		name string
+		v    *string
+	}{{"type", &pub.Type}, {"message_id", &pub.MessageId}} {
+		if len(*p.v) > maxShortString {
+			pub.Headers["x-outbox-"+p.name] = *p.v
+			*p.v = ""
+			moved = append(moved, p.name)
+		}
+	}
+	if len(moved) > 0 {
+		pub.Headers[amqpHeaderMoved] = strings.Join(moved, ",")
+	}
+	if r.cfg.MaxMessageBytes > 0 && len(pub.Body) > r.cfg.MaxMessageBytes {
+		// The broker would refuse the body too: dead-letter the facts only.
+		pub.Body = nil
+		pub.Headers[amqpHeaderOmitted] = true
+	}
+	// Room for the x-outbox-cut header itself.
+	if cut := fitHeaders(&pub, r.frameMax()-512); len(cut) > 0 {
+		pub.Headers[amqpHeaderCut] = strings.Join(cut, ",")
+	}
+	return pub
+}
+
+// fitHeaders cuts the longest string header values (at a UTF-8 boundary)
+// until the content header frame of pub is at most limit bytes, and returns
+// the names of the headers it cut, sorted.
+func fitHeaders(pub *amqp.Publishing, limit int) []string {
+	cut := map[string]bool{}
+	for size := headerFrameSize(pub); size > limit; size = headerFrameSize(pub) {
+		longest, n := "", -1
+		for k, v := range pub.Headers {
+			if s, ok := v.(string); ok && (len(s) > n || len(s) == n && k < longest) {
+				longest, n = k, len(s)
+			}
+		}
+		if n <= 0 {
+			break // nothing left to cut; cannot happen with the relay's headers
+		}
+		keep := max(0, n-(size-limit))
+		pub.Headers[longest] = cutUTF8(pub.Headers[longest].(string), keep)
+		cut[longest] = true
+	}
+	names := make([]string, 0, len(cut))
+	for k := range cut {
+		names = append(names, k)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// headerFrameSize is the size of the content header frame amqp091 writes
+// for pub: frame header and end, class, weight, body size, property flags
+// and the properties.
+func headerFrameSize(pub *amqp.Publishing) int {
+	n := 7 + 2 + 2 + 8 + 2 + 1
+	for _, s := range []string{pub.ContentType, pub.ContentEncoding, pub.CorrelationId, pub.ReplyTo,
+		pub.Expiration, pub.MessageId, pub.Type, pub.UserId, pub.AppId} {
+		if s != "" {
+			n += 1 + len(s)
+		}
+	}
+	if pub.DeliveryMode > 0 {
+		n++
+	}
+	if pub.Priority > 0 {
+		n++
+	}
+	if !pub.Timestamp.IsZero() {
+		n += 8
+	}
+	if len(pub.Headers) > 0 {
+		n += 4
+		for k, v := range pub.Headers {
+			n += 1 + len(k) + 1
+			switch v := v.(type) {
+			case string:
+				n += 4 + len(v)
+			case bool:
+				n++
+			default:
+				n += 64 // the relay sets only strings and booleans
+			}
+		}
+	}
+	return n
+}
+
+// messageHeaderFrameSize is headerFrameSize(publishing(m)) without
+// building the publishing, which Reject would otherwise do for every event.
+func messageHeaderFrameSize(m *Message) int {
+	var buf [64]byte
+	occurred := len(m.OccurredAt.UTC().AppendFormat(buf[:0], time.RFC3339Nano))
+	n := 7 + 2 + 2 + 8 + 2 + 1                                     // frame header and end, class, weight, body size, flags
+	n += 1 + len("application/json") + 1 + 1 + len("outbox-relay") // content type, delivery mode, app id
+	if m.ID != "" {
+		n += 1 + len(m.ID)
+	}
+	if m.Type != "" {
+		n += 1 + len(m.Type)
+	}
+	if !m.OccurredAt.IsZero() {
+		n += 8
+	}
+	n += 4 // the headers table's length
+	for _, kv := range [...]struct{ k, v int }{
+		{len("aggregate_type"), len(m.AggregateType)}, {len("aggregate_id"), len(m.AggregateID)}, {len("occurred_at"), occurred},
+	} {
+		n += 1 + kv.k + 1 + 4 + kv.v
+	}
+	return n
+}
+
+// cutUTF8 returns the longest prefix of s of at most n bytes that does not
+// split a UTF-8 sequence.
+func cutUTF8(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
+}
+
 // Hold implements Batcher: publishes are buffered until Flush.
 func (r *RabbitMQ) Hold() { r.wire.Hold() }
 
 // Flush implements Batcher.
-func (r *RabbitMQ) Flush() error {
+func (r *RabbitMQ) Flush(ctx context.Context) error {
+	defer r.interrupt.during(ctx)()
 	if err := r.wire.Flush(); err != nil {
 		if r.ch.IsClosed() || r.conn.IsClosed() {
 			return fmt.Errorf("write to RabbitMQ: %w", r.closedErr())
@@ -337,12 +529,46 @@ func (r *RabbitMQ) Flush() error {
 	return nil
 }
 
-// Close implements Publisher.
+// closeTimeout bounds Close: the close handshake needs an answer that a
+// blocked or silent broker never sends.
+const closeTimeout = time.Second
+
+// Close implements Publisher. It returns within about two closeTimeouts,
+// whatever the broker does.
 func (r *RabbitMQ) Close() error {
-	// The close handshake must not sit in a held buffer.
-	_ = r.wire.Flush()
-	if r.ch != nil {
-		_ = r.ch.Close()
+	if r.wire.interrupted.Load() || r.blocked.Load() {
+		// A write was cut off, so the close handshake cannot be sent; or
+		// the broker blocks the connection and does not read it, so it
+		// would never answer.
+		_ = r.wire.Conn.Close()
 	}
-	return r.conn.Close()
+	done := make(chan error, 1)
+	go func() {
+		// Writes fail after the deadline rather than block on a broker
+		// that stopped reading.
+		_ = r.wire.Conn.SetWriteDeadline(time.Now().Add(closeTimeout))
+		// The close handshake must not sit in a held buffer.
+		_ = r.wire.Flush()
+		if r.ch != nil {
+			_ = r.ch.Close()
+		}
+		done <- r.conn.Close()
+	}()
+	t := time.NewTimer(closeTimeout)
+	defer t.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-t.C:
+	}
+	// No close-ok: drop the socket, which ends amqp091's reader and every
+	// call waiting for an answer.
+	_ = r.wire.Conn.Close()
+	t.Reset(closeTimeout)
+	select {
+	case <-done:
+		return fmt.Errorf("close RabbitMQ connection: no answer within %s; closed the socket", closeTimeout)
+	case <-t.C:
+		return fmt.Errorf("close RabbitMQ connection: no answer within %s, and the library did not finish after the socket was closed", closeTimeout)
+	}
 }

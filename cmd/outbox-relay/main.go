@@ -231,7 +231,15 @@ func cmdRun(args []string, stderr io.Writer) int {
 				TLS:                tlsCfg,
 				Heartbeat:          cfg.AMQPHeartbeat,
 				OnBlocked: func(blocked bool, reason string) {
-					log.Warn().Bool("blocked", blocked).Str("reason", reason).Msg("RabbitMQ flow control")
+					if !m.SetBrokerBlocked(blocked, reason) {
+						return // another connection's notice of the same episode
+					}
+					if blocked {
+						log.Warn().Str("reason", reason).Msg("RabbitMQ blocks publishing (connection.blocked); events wait until the alarm clears")
+					} else {
+						// reason is set when the blocked connection closed instead.
+						log.Info().Str("reason", reason).Msg("RabbitMQ no longer blocks publishing (connection.unblocked)")
+					}
 				},
 			})
 		},

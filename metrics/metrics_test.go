@@ -1,0 +1,83 @@
+package metrics
+
+import (
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+)
+
+// value is the value of the gauge or counter name, or -1 when missing.
+func value(t *testing.T, m *Metrics, name string) float64 {
+	t.Helper()
+	mfs, err := m.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() == name {
+			metric := mf.GetMetric()[0]
+			if g := metric.GetGauge(); g != nil {
+				return g.GetValue()
+			}
+			return metric.GetCounter().GetValue()
+		}
+	}
+	return -1
+}
+
+func readyz(t *testing.T, m *Metrics) (int, string) {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	m.Handler().ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/readyz", nil))
+	b, _ := io.ReadAll(rec.Body)
+	return rec.Code, strings.TrimSpace(string(b))
+}
+
+// TestBrokerBlockedShowsInReadyzAndMetrics: while RabbitMQ blocks
+// publishers /readyz says so with the reason, on top of the ready state;
+// the gauge is 1 and the blocked time counts the running episode too; each
+// change is reported once.
+func TestBrokerBlockedShowsInReadyzAndMetrics(t *testing.T) {
+	m := New()
+	m.SetReady(true, "")
+	if code, body := readyz(t, m); code != http.StatusOK || body != "streaming" {
+		t.Fatalf("/readyz = %d %q", code, body)
+	}
+	if !m.SetBrokerBlocked(true, "low on memory") {
+		t.Fatal("the start of an episode was not reported as a change")
+	}
+	if m.SetBrokerBlocked(true, "low on memory") {
+		t.Fatal("a second notice of the same episode was reported as a change")
+	}
+	if code, body := readyz(t, m); code != http.StatusServiceUnavailable || body != "blocked by RabbitMQ: low on memory" {
+		t.Fatalf("/readyz = %d %q while blocked", code, body)
+	}
+	m.SetReady(false, "shutting down")
+	if _, body := readyz(t, m); body != "shutting down; blocked by RabbitMQ: low on memory" {
+		t.Fatalf("/readyz = %q while blocked and shutting down", body)
+	}
+	m.SetReady(true, "")
+	if g := value(t, m, "outbox_relay_broker_blocked"); g != 1 {
+		t.Fatalf("outbox_relay_broker_blocked = %v while blocked", g)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for value(t, m, "outbox_relay_broker_blocked_seconds_total") <= 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("blocked seconds stay 0 during an episode")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if !m.SetBrokerBlocked(false, "") {
+		t.Fatal("the end of the episode was not reported as a change")
+	}
+	after := m.blockedSeconds()
+	if code, body := readyz(t, m); code != http.StatusOK || body != "streaming" {
+		t.Fatalf("/readyz = %d %q after the episode", code, body)
+	}
+	if g := value(t, m, "outbox_relay_broker_blocked"); g != 0 || after == 0 || m.blockedSeconds() != after {
+		t.Fatalf("after the episode: gauge %v, blocked seconds %v then %v", g, after, m.blockedSeconds())
+	}
+}

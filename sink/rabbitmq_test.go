@@ -1,0 +1,437 @@
+package sink
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
+)
+
+// rabbitTest is one test's private exchanges and queues on the shared broker.
+type rabbitTest struct {
+	cfg   RabbitMQConfig
+	conn  *amqp.Connection
+	queue string // bound to everything the exchange routes
+}
+
+func newRabbitTest(t *testing.T) *rabbitTest {
+	t.Helper()
+	testenv.Integration(t)
+	rt := &rabbitTest{cfg: RabbitMQConfig{
+		URL:                testenv.AMQP(t),
+		Exchange:           testenv.Name(t, "ex"),
+		DeadLetterExchange: testenv.Name(t, "dlx"),
+		MaxMessageBytes:    1 << 20,
+	}, queue: testenv.Name(t, "q")}
+	var err error
+	if rt.conn, err = amqp.Dial(rt.cfg.URL); err != nil {
+		t.Fatal(err)
+	}
+	ch, err := rt.conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.ExchangeDeclare(rt.cfg.Exchange, amqp.ExchangeTopic, true, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ch.QueueDeclare(rt.queue, false, false, false, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := ch.QueueBind(rt.queue, "#", rt.cfg.Exchange, false, nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if ch, err := rt.conn.Channel(); err == nil {
+			_, _ = ch.QueueDelete(rt.queue, false, false, false)
+			_, _ = ch.QueueDelete(rt.cfg.DeadLetterExchange, false, false, false)
+			_ = ch.ExchangeDelete(rt.cfg.Exchange, false, false)
+			_ = ch.ExchangeDelete(rt.cfg.DeadLetterExchange, false, false)
+		}
+		rt.conn.Close()
+	})
+	return rt
+}
+
+func (rt *rabbitTest) dial(t *testing.T) *RabbitMQ {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	r, err := DialRabbitMQ(ctx, rt.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { r.Close() })
+	return r
+}
+
+// get takes the next message from queue.
+func (rt *rabbitTest) get(t *testing.T, queue string) (amqp.Delivery, bool) {
+	t.Helper()
+	ch, err := rt.conn.Channel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ch.Close()
+	d, ok, err := ch.Get(queue, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d, ok
+}
+
+// TestAMQPShortstrOver255EndsTheConnection records what amqp091 does with a
+// type property over 255 bytes, which is why Reject must catch it: the
+// publish fails on the client and the library shuts the connection down.
+// No nack, no return: without Reject, every retry would end the session.
+func TestAMQPShortstrOver255EndsTheConnection(t *testing.T) {
+	rt := newRabbitTest(t)
+	r := rt.dial(t)
+	m := testMessage("00000000-0000-4000-8000-000000000001", "order.created", `{}`)
+	m.Type = strings.Repeat("t", 256)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	p, err := r.Publish(ctx, m)
+	if err == nil {
+		_, err = p.Wait(ctx)
+	}
+	if err == nil {
+		t.Fatal("a 256-byte type property was published; Reject need not refuse it")
+	}
+	t.Logf("publish: %v", err)
+	deadline := time.Now().Add(10 * time.Second)
+	for !r.conn.IsClosed() {
+		if time.Now().After(deadline) {
+			t.Fatal("the connection stayed open after the failed publish")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestRabbitMQRejectAndDeadLetterEveryField (invariant 8): for every text
+// field that reaches a size-limited part of an AMQP message, at 0, 1, 255,
+// 256 and 10,000 bytes, in ASCII and multibyte UTF-8, and in combination:
+// a message Reject accepts is published and acked on a connection that
+// stays open, and the dead-letter copy of every message, accepted or not, is
+// acked, with its reason and the values the properties could not carry.
+func TestRabbitMQRejectAndDeadLetterEveryField(t *testing.T) {
+	rt := newRabbitTest(t)
+	r := rt.dial(t)
+	sizes := []int{0, 1, 255, 256, 10000, 200000}
+	text := func(n int, multibyte bool) string {
+		if !multibyte {
+			return strings.Repeat("a", n)
+		}
+		// 3-byte runes, then ASCII to reach exactly n bytes.
+		return strings.Repeat("日", n/3) + strings.Repeat("b", n%3)
+	}
+	type field struct {
+		name string
+		set  func(m *Message, v string)
+	}
+	fields := []field{
+		{"event_type", func(m *Message, v string) { m.Type = v }},
+		{"aggregate_type", func(m *Message, v string) { m.AggregateType = v }},
+		{"aggregate_id", func(m *Message, v string) { m.AggregateID = v }},
+		{"id", func(m *Message, v string) { m.ID = v }},
+		{"routing key", func(m *Message, v string) { m.Key = v }},
+	}
+	seq := 0
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	check := func(desc string, m *Message) {
+		t.Helper()
+		seq++
+		if reason := r.Reject(m); reason == "" {
+			p, err := r.Publish(ctx, m)
+			if err != nil {
+				t.Fatalf("%s: Reject accepted it but Publish failed: %v", desc, err)
+			}
+			res, err := p.Wait(ctx)
+			if err != nil || res.Outcome != Acked {
+				t.Fatalf("%s: Reject accepted it but the broker did not ack it: %v %v", desc, res, err)
+			}
+			d, ok := rt.get(t, rt.queue)
+			if !ok || d.Type != m.Type || d.MessageId != m.ID || d.Headers["aggregate_type"] != m.AggregateType {
+				t.Fatalf("%s: published message not as sent (found %v)", desc, ok)
+			}
+		}
+		const reason = "test: poison"
+		if err := r.DeadLetter(ctx, m, reason); err != nil {
+			t.Fatalf("%s: dead-letter copy refused: %v", desc, err)
+		}
+		d, ok := rt.get(t, rt.cfg.DeadLetterExchange)
+		if !ok {
+			t.Fatalf("%s: dead-letter queue empty", desc)
+		}
+		if d.Headers["x-outbox-reason"] != reason {
+			t.Fatalf("%s: reason header %q", desc, d.Headers["x-outbox-reason"])
+		}
+		cut, _ := d.Headers["x-outbox-cut"].(string)
+		moved, _ := d.Headers["x-outbox-moved"].(string)
+		id := d.MessageId
+		if strings.Contains(moved, "message_id") {
+			id, _ = d.Headers["x-outbox-message_id"].(string)
+		}
+		typ := d.Type
+		if strings.Contains(moved, "type") {
+			typ, _ = d.Headers["x-outbox-type"].(string)
+		}
+		if cut == "" && (id != m.ID || typ != m.Type || d.Headers["aggregate_type"] != m.AggregateType ||
+			d.Headers["x-outbox-routing-key"] != m.Key || d.Headers["aggregate_id"] != m.AggregateID) {
+			t.Fatalf("%s: dead-letter copy lost a value without saying so (moved %q)", desc, moved)
+		}
+		if len(m.Type) > maxShortString && !strings.Contains(moved, "type") ||
+			len(m.ID) > maxShortString && !strings.Contains(moved, "message_id") {
+			t.Fatalf("%s: long property not moved (moved %q)", desc, moved)
+		}
+		for _, k := range strings.Split(cut, ",") {
+			if v, ok := d.Headers[k].(string); ok && !strings.HasPrefix(original(m, k, reason), v) {
+				t.Fatalf("%s: header %s was not cut at a prefix", desc, k)
+			}
+		}
+		if r.conn.IsClosed() {
+			t.Fatalf("%s: the connection closed", desc)
+		}
+	}
+	for _, f := range fields {
+		for _, n := range sizes {
+			for _, mb := range []bool{false, true} {
+				m := testMessage("00000000-0000-4000-8000-000000000001", "order.created", `{"n":1}`)
+				f.set(m, text(n, mb))
+				check(fmt.Sprintf("%s of %d bytes (multibyte %v)", f.name, n, mb), m)
+			}
+		}
+	}
+	// Combinations: everything long at once, with the payload over the limit.
+	for _, n := range sizes {
+		m := testMessage(text(n, true), text(n, false), strings.Repeat("x", rt.cfg.MaxMessageBytes+1))
+		m.Type, m.AggregateType, m.AggregateID = text(n, false), text(n, true), text(n, true)
+		check(fmt.Sprintf("every field at %d bytes", n), m)
+	}
+}
+
+// original is the value of m that the dead-letter header k carries.
+func original(m *Message, k, reason string) string {
+	return map[string]string{
+		"aggregate_type": m.AggregateType, "aggregate_id": m.AggregateID, "x-outbox-routing-key": m.Key,
+		"x-outbox-type": m.Type, "x-outbox-message_id": m.ID, "x-outbox-reason": reason,
+	}[k]
+}
+
+// stallingProxy forwards TCP connections to upstream; after stall it stops
+// reading from the client, as RabbitMQ does with a publishing connection
+// during a resource alarm, while still forwarding what the broker sends.
+type stallingProxy struct {
+	ln      net.Listener
+	stalled chan struct{}
+	once    sync.Once
+}
+
+func newStallingProxy(t *testing.T, upstream string) *stallingProxy {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &stallingProxy{ln: ln, stalled: make(chan struct{})}
+	var conns []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			u, err := net.Dial("tcp", upstream)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			mu.Lock()
+			conns = append(conns, c, u)
+			mu.Unlock()
+			go func() { _, _ = io.Copy(c, u) }()
+			go func() {
+				buf := make([]byte, 4096)
+				for {
+					select {
+					case <-p.stalled:
+						return // leaves c unread, open
+					default:
+					}
+					n, err := c.Read(buf)
+					if n > 0 {
+						if _, werr := u.Write(buf[:n]); werr != nil {
+							return
+						}
+					}
+					if err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	return p
+}
+
+func (p *stallingProxy) stall() { p.once.Do(func() { close(p.stalled) }) }
+
+// within fails the test if f does not return within d; a hang is the
+// failure this guards against, so d is generous.
+func within(t *testing.T, d time.Duration, what string, f func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	select {
+	case <-done:
+	case <-time.After(d):
+		t.Fatalf("%s did not return within %s", what, d)
+	}
+}
+
+// TestRabbitMQReturnsWhileTheBrokerStopsReading (invariant 11): when the
+// broker stops reading (a resource alarm), a publish blocks in the socket
+// write; cancelling its context must end it, and Close must return
+// although the broker never answers the close handshake. The same for
+// Flush of held writes and DeadLetter.
+func TestRabbitMQReturnsWhileTheBrokerStopsReading(t *testing.T) {
+	rt := newRabbitTest(t)
+	u, err := url.Parse(rt.cfg.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, op := range []string{"Publish", "Held", "DeadLetter"} {
+		t.Run(op, func(t *testing.T) {
+			px := newStallingProxy(t, u.Host)
+			cfg := rt.cfg
+			pu := *u
+			pu.Host = px.ln.Addr().String()
+			cfg.URL = pu.String()
+			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+			defer cancel()
+			r, err := DialRabbitMQ(ctx, cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			px.stall()
+			// Far more than the socket buffers hold, so the write blocks.
+			m := testMessage("00000000-0000-4000-8000-000000000001", "order.created", strings.Repeat("x", 900<<10))
+			pctx, pcancel := context.WithCancel(context.Background())
+			returned := make(chan error, 1)
+			go func() {
+				var err error
+				switch op {
+				case "Publish":
+					for err == nil {
+						_, err = r.Publish(pctx, m)
+					}
+				case "Held": // writes held for a Flush: blocked in Publish once the buffer fills, or in Flush
+					r.Hold()
+					for i := 0; i < 64 && err == nil; i++ {
+						_, err = r.Publish(pctx, m)
+					}
+					if err == nil {
+						err = r.Flush(pctx)
+					}
+				case "DeadLetter":
+					for err == nil {
+						err = r.DeadLetter(pctx, m, "test")
+					}
+				}
+				returned <- err
+			}()
+			select {
+			case err := <-returned:
+				t.Fatalf("%s returned before the cancel, with %v: the broker was not blocking it", op, err)
+			case <-time.After(500 * time.Millisecond):
+			}
+			pcancel()
+			select {
+			case err := <-returned:
+				t.Logf("%s after the cancel: %v", op, err)
+			case <-time.After(10 * time.Second):
+				t.Fatalf("%s still blocked 10s after its context was cancelled", op)
+			}
+			within(t, 10*time.Second, "Close", func() { _ = r.Close() })
+		})
+	}
+}
+
+// TestRabbitMQFrameMaxBoundary: headerFrameSize is exact, not a guess: a
+// message whose content header is exactly frame_max is accepted by Reject
+// and acked by the broker, one byte more is rejected. An estimate too low
+// would let the broker close the connection; one too high would reject
+// good events. (RabbitMQ itself allows 8 bytes more, its FRAME_SIZE_FUDGE:
+// by trial, a frame of frame_max+8 bytes by this count was acked and one of
+// frame_max+9 closed the connection, so the count is exact.)
+func TestRabbitMQFrameMaxBoundary(t *testing.T) {
+	rt := newRabbitTest(t)
+	r := rt.dial(t)
+	limit := r.frameMax()
+	for _, extra := range []int{0, 1} {
+		m := testMessage("00000000-0000-4000-8000-000000000001", "order.created", `{}`)
+		m.AggregateType = ""
+		pub := publishing(m)
+		m.AggregateType = strings.Repeat("a", limit-headerFrameSize(&pub)+extra)
+		reason := r.Reject(m)
+		if extra == 1 {
+			if !strings.Contains(reason, "frame_max") {
+				t.Fatalf("one byte over frame_max: Reject = %q", reason)
+			}
+			continue
+		}
+		if reason != "" {
+			t.Fatalf("exactly frame_max (%d): Reject = %q", limit, reason)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		p, err := r.Publish(ctx, m)
+		if err == nil {
+			var res Result
+			if res, err = p.Wait(ctx); err == nil && res.Outcome != Acked {
+				t.Fatalf("exactly frame_max: %v", res)
+			}
+		}
+		cancel()
+		if err != nil {
+			t.Fatalf("a content header of exactly frame_max (%d bytes) failed: %v", limit, err)
+		}
+	}
+}
+
+// TestMessageHeaderFrameSizeMatchesThePublishing: Reject's shortcut counts
+// what publishing builds, for any lengths and timestamps.
+func TestMessageHeaderFrameSizeMatchesThePublishing(t *testing.T) {
+	for _, m := range []*Message{
+		{},
+		testMessage("00000000-0000-4000-8000-000000000001", "order.created", `{}`),
+		{ID: "x", Type: strings.Repeat("t", 300), AggregateType: "日本", AggregateID: "",
+			OccurredAt: time.Date(2024, 1, 2, 3, 4, 5, 0, time.UTC)},
+		{Type: "a", OccurredAt: time.Date(1, 1, 1, 0, 0, 0, 1, time.FixedZone("y", -7200))},
+	} {
+		pub := publishing(m)
+		if got, want := messageHeaderFrameSize(m), headerFrameSize(&pub); got != want {
+			t.Errorf("%+v: messageHeaderFrameSize = %d, headerFrameSize(publishing) = %d", m, got, want)
+		}
+	}
+}
