@@ -45,6 +45,13 @@ func (e *env) strictDBA(settings map[string]string) {
 	e.pool.Close()
 	e.pool = pool
 	e.t.Cleanup(pool.Close)
+	// Before the harness drops the slot and the database, in sessions that
+	// would otherwise get these settings too.
+	e.t.Cleanup(func() {
+		if _, err := pool.Exec(context.Background(), `ALTER DATABASE `+pgx.Identifier{db}.Sanitize()+` RESET ALL`); err != nil {
+			e.t.Errorf("reset the database's settings: %v", err)
+		}
+	})
 }
 
 // TestDatabaseSettingsDoNotReachTheRelay (invariant 12): a database whose
