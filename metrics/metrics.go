@@ -37,9 +37,14 @@ type Metrics struct {
 	SlotWALRetained  prometheus.Gauge
 	Unpublished      prometheus.Gauge
 	OldestUnpublishd prometheus.Gauge
+	// SyncStandby is 1 while the relay's walsender is a synchronous standby
+	// candidate, labelled with its pg_stat_replication sync_state.
+	SyncStandby    *prometheus.GaugeVec
+	EventsRecorded prometheus.Counter
 
-	mu    sync.Mutex
-	ready string // "" when ready, otherwise why not
+	mu     sync.Mutex
+	ready  string // "" when ready, otherwise why not
+	notice string // shown by /readyz whether ready or not
 }
 
 // New registers the relay's metrics and the Go runtime collectors.
@@ -85,7 +90,13 @@ func New() *Metrics {
 		Help: "Rows with published_at IS NULL."})
 	m.OldestUnpublishd = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_oldest_unpublished_age_seconds",
 		Help: "Age of the oldest unpublished row."})
-	for _, c := range []prometheus.Collector{m.EventsPublished, m.EventsSkipped, m.DeadLettered, m.ReplicationLag,
+	m.SyncStandby = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "outbox_relay_sync_standby",
+		Help: "1 while the relay's walsender is a synchronous standby candidate (sync_state sync, quorum or potential, " +
+			"or unknown while synchronous_standby_names names it), 0 otherwise; the label is the state."}, []string{"sync_state"})
+	m.EventsRecorded = prometheus.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_events_recorded_total",
+		Help: "Confirmed events recorded in outbox_relay_confirmed because their rows were not yet visible to mark " +
+			"(their commit waited, e.g. for a synchronous standby)."})
+	for _, c := range []prometheus.Collector{m.SyncStandby, m.EventsRecorded, m.EventsPublished, m.EventsSkipped, m.DeadLettered, m.ReplicationLag,
 		m.AckedLSN, m.ReceivedLSN, m.ServerWALEnd, m.ConfirmSeconds, m.DeliverySeconds, m.MarkSeconds, m.StreamDelay, m.Reconnects,
 		m.Retries, m.Standby, m.SweptEvents, m.SlotWALRetained, m.Unpublished, m.OldestUnpublishd} {
 		f(c)
@@ -104,6 +115,31 @@ func (m *Metrics) SetReady(ready bool, why string) {
 	}
 }
 
+// SetSyncStandby records the relay's synchronous standby state.
+func (m *Metrics) SetSyncStandby(state string, candidate bool) {
+	m.SyncStandby.Reset()
+	v := 0.0
+	if candidate {
+		v = 1
+	}
+	m.SyncStandby.WithLabelValues(state).Set(v)
+}
+
+// SetNotice sets a line /readyz shows besides readiness ("" clears it):
+// something an operator should know that does not make the relay unready.
+func (m *Metrics) SetNotice(notice string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.notice = notice
+}
+
+// Notice returns the line set by SetNotice.
+func (m *Metrics) Notice() string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.notice
+}
+
 // Ready returns "" when ready, else the reason.
 func (m *Metrics) Ready() string {
 	m.mu.Lock()
@@ -119,12 +155,18 @@ func (m *Metrics) Handler() http.Handler {
 		_, _ = w.Write([]byte("ok\n"))
 	})
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if why := m.Ready(); why != "" {
-			w.WriteHeader(http.StatusServiceUnavailable)
-			_, _ = w.Write([]byte(why + "\n"))
-			return
+		body := "streaming\n"
+		why := m.Ready()
+		if why != "" {
+			body = why + "\n"
 		}
-		_, _ = w.Write([]byte("streaming\n"))
+		if n := m.Notice(); n != "" {
+			body += n + "\n"
+		}
+		if why != "" {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+		_, _ = w.Write([]byte(body))
 	})
 	return mux
 }
