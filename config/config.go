@@ -76,6 +76,12 @@ type Config struct {
 	// even on a server with no other traffic. Off by default: an idle relay
 	// then sends no queries at all.
 	HeartbeatInterval time.Duration `env:"RELAY_HEARTBEAT_INTERVAL" envDefault:"0s"`
+	// SyncPublish says an operator lists the relay in
+	// synchronous_standby_names on purpose, so that an application's COMMIT
+	// returns only once the broker has confirmed its events. The relay then
+	// does not warn about being a synchronous standby, and it always answers
+	// the server at once when its acknowledged position moves.
+	SyncPublish bool `env:"RELAY_SYNC_PUBLISH" envDefault:"false"`
 	// MaxMessageBytes: bigger payloads are dead-lettered, never published.
 	MaxMessageBytes int `env:"RELAY_MAX_MESSAGE_BYTES" envDefault:"16777216"`
 
