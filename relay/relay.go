@@ -30,6 +30,9 @@ type Options struct {
 	NewPublisher func(ctx context.Context) (sink.Publisher, error)
 	// StandbyRetry is how often a standby relay tries to take the slot.
 	StandbyRetry time.Duration
+	// SyncCheckInterval is how often the relay reads whether its walsender
+	// is a synchronous standby (syncstate.go); 15s when zero.
+	SyncCheckInterval time.Duration
 }
 
 // Relay streams the outbox until its context ends.
@@ -50,6 +53,8 @@ type Relay struct {
 	confirmed map[string]struct{}
 	// heartbeatLSN is the position of the last heartbeat written.
 	heartbeatLSN atomic.Uint64
+	// syncLogged is the sync state last logged, so that it is said once.
+	syncLogged string
 }
 
 // New validates the wiring and returns a Relay.
@@ -62,6 +67,9 @@ func New(opt Options) (*Relay, error) {
 	}
 	if opt.StandbyRetry == 0 {
 		opt.StandbyRetry = 2 * time.Second
+	}
+	if opt.SyncCheckInterval == 0 {
+		opt.SyncCheckInterval = defaultSyncCheckInterval
 	}
 	key, err := config.ParseRoutingKey(opt.Config.RoutingKey)
 	if err != nil {

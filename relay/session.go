@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -50,7 +51,28 @@ type session struct {
 	unmarked  []*item  // the marker's batch when a mark failed
 	serverEnd pglogrepl.LSN
 	lastHeard time.Time // last message from the server
+
+	// prompt: commits may wait for the relay (it is a synchronous standby
+	// candidate, or RELAY_SYNC_PUBLISH): the reader answers as soon as the
+	// done position moves, not on the status interval (promptStatus).
+	prompt   atomic.Bool
+	started  chan struct{} // closed once streaming
+	progress chan struct{} // the marker finished events (capacity 1)
+	sentPos  pglogrepl.LSN // the reader's last status: position and time
+	sentAt   time.Time
+
+	// The marker's records (mark.go, record): how many of this slot's
+	// confirmed events wait in outbox_relay_confirmed for their mark.
+	records      int
+	completeWait time.Duration
+	lastComplete time.Time
 }
+
+// promptGap is the least time between two prompt status updates: a busy
+// cluster sends hundreds of keepalives a second, and each one a
+// synchronous standby answers costs a write on both sides. A commit waits
+// at most this much longer for it.
+const promptGap = time.Millisecond
 
 func (r *Relay) session(ctx context.Context) error {
 	qctx, qcancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
@@ -136,9 +158,12 @@ func (r *Relay) session(ctx context.Context) error {
 		pending:   make(chan *item, r.cfg.PublishWindow),
 		confirmed: make(chan *item, r.cfg.MarkBatchSize*2),
 		drained:   make(chan struct{}),
+		started:   make(chan struct{}),
+		progress:  make(chan struct{}, 1),
 		filtering: true,
 		retry:     newBackoff(r.cfg.BackoffMin, r.cfg.BackoffMax),
 	}
+	s.prompt.Store(r.cfg.SyncPublish)
 	r.m.AckedLSN.Set(float64(start))
 
 	// The pipeline runs on its own context: SIGTERM (ctx) only stops the
@@ -159,6 +184,7 @@ func (r *Relay) session(ctx context.Context) error {
 	g.Go(func() error { return s.confirm(gctx) })
 	g.Go(func() error { return s.mark(gctx) })
 	g.Go(func() error { return s.read(ctx, gctx, sweep) })
+	g.Go(func() error { return s.watchSync(ctx, gctx) })
 	if r.cfg.HeartbeatInterval > 0 {
 		g.Go(func() error { return s.heartbeat(ctx, gctx) })
 	}
@@ -234,6 +260,7 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 	// status interval (up to RELAY_STATUS_INTERVAL).
 	defer context.AfterFunc(soft, s.conn.Interrupt)()
 	s.streaming = true
+	close(s.started)
 	s.r.streamed = true
 	s.r.m.Standby.Set(0)
 	s.r.m.SetReady(true, "")
@@ -255,6 +282,13 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 		}
 		msg, err := s.conn.Receive(nextStatus)
 		now := time.Now()
+		if errors.Is(err, replication.ErrWoken) {
+			// The marker finished events while commits may wait for us.
+			if err := s.promptStatus(now, &nextStatus); err != nil {
+				return err
+			}
+			continue
+		}
 		if errors.Is(err, replication.ErrTimeout) {
 			// Silence: ask the server to answer, and give up on a server
 			// (or network) that stopped answering without closing.
@@ -281,12 +315,20 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 		}
 		if msg.Keepalive {
 			s.tracker.Received(msg.ServerWALEnd)
-			s.tracker.AdvanceIdle(msg.ServerWALEnd)
-			if msg.ReplyRequested || !now.Before(nextStatus) {
+			moved := s.tracker.AdvanceIdle(msg.ServerWALEnd)
+			switch {
+			case msg.ReplyRequested || !now.Before(nextStatus):
 				if err := s.sendStatus(false); err != nil {
 					return err
 				}
 				nextStatus = now.Add(interval)
+			case moved && s.prompt.Load():
+				// A synchronous standby's walsender sends keepalives
+				// without asking for a reply and waits for the flush
+				// report: commits anywhere in the cluster wait for it.
+				if err := s.promptStatus(now, &nextStatus); err != nil {
+					return err
+				}
 			}
 			continue
 		}
@@ -315,6 +357,12 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 		case decoder.KindCommit:
 			s.tracker.Close(tx, m.Commit.EndLSN)
 			tx = nil
+			if s.prompt.Load() {
+				// A transaction without events is done at once.
+				if err := s.promptStatus(now, &nextStatus); err != nil {
+					return err
+				}
+			}
 		}
 		if !now.Before(nextStatus) {
 			if err := s.sendStatus(false); err != nil {
@@ -353,11 +401,47 @@ func (s *session) send(ctx context.Context, it *item, nextStatus *time.Time) err
 			t.Stop()
 			return nil
 		case <-t.C:
+		case <-s.progress:
+			t.Stop()
+			if err := s.promptStatus(time.Now(), nextStatus); err != nil {
+				return err
+			}
 		case <-ctx.Done():
 			t.Stop()
 			return ctx.Err()
 		}
 	}
+}
+
+// notifyDone tells the reader that the done position may have moved, so
+// that it acknowledges at once: the marker calls it while commits may wait
+// for the relay. The reader is in Receive (Wake) or waiting for room in
+// the pipeline (progress).
+func (s *session) notifyDone() {
+	select {
+	case s.progress <- struct{}{}:
+	default:
+	}
+	s.conn.Wake()
+}
+
+// promptStatus sends a status update now if the done position moved since
+// the last one, or schedules it promptGap after the last one.
+func (s *session) promptStatus(now time.Time, nextStatus *time.Time) error {
+	if !s.prompt.Load() || s.tracker.Done() <= s.sentPos {
+		return nil
+	}
+	if at := s.sentAt.Add(promptGap); now.Before(at) {
+		if at.Before(*nextStatus) {
+			*nextStatus = at
+		}
+		return nil
+	}
+	if err := s.sendStatus(false); err != nil {
+		return err
+	}
+	*nextStatus = now.Add(s.r.cfg.StatusInterval)
+	return nil
 }
 
 // awaitDrain waits until everything read has been published and marked.
@@ -377,6 +461,7 @@ func (s *session) sendStatus(reply bool) error {
 	if err := s.conn.SendStatus(pos, reply); err != nil {
 		return classifyPg(err)
 	}
+	s.sentPos, s.sentAt = pos, time.Now()
 	acked := s.tracker.Acknowledge(pos)
 	m := s.r.m
 	m.AckedLSN.Set(float64(acked))
