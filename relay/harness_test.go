@@ -35,8 +35,8 @@ type env struct {
 	// relayPool is the relay's, configured as `outbox-relay run` does
 	// (internal/pgsession): built on first start, with the bounds then set.
 	relayPool *pgxpool.Pool
-	amqp    *amqp.Connection
-	queue   string
+	amqp      *amqp.Connection
+	queue     string
 
 	mu       sync.Mutex
 	received []amqp.Delivery // only while keep is true
@@ -48,7 +48,13 @@ type env struct {
 func newEnv(t *testing.T) *env {
 	t.Helper()
 	testenv.Integration(t)
-	e := &env{t: t, dbURL: testenv.Postgres(t), amqpURL: testenv.AMQP(t), ids: map[string]int{}, keep: true}
+	return newEnvAt(t, testenv.Postgres(t))
+}
+
+// newEnvAt is newEnv on a database the test provides (a cluster of its own).
+func newEnvAt(t *testing.T, dbURL string) *env {
+	t.Helper()
+	e := &env{t: t, dbURL: dbURL, amqpURL: testenv.AMQP(t), ids: map[string]int{}, keep: true}
 	e.cfg = &config.Config{
 		DatabaseURL:        e.dbURL,
 		AMQPURL:            e.amqpURL,

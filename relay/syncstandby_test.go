@@ -1,0 +1,321 @@
+package relay
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
+	"github.com/outbox-relay/outbox-relay/outbox"
+)
+
+// commitLimit is how long one COMMIT may take before the load calls it
+// hung. Before the relay handled being a synchronous standby, the first
+// commit of outbox rows waited for the relay forever.
+const commitLimit = 10 * time.Second
+
+// load is one run of producers: outbox transactions in the relay's
+// database, and single-row commits in another database of the cluster.
+type load struct {
+	outbox, other []time.Duration     // commit latencies
+	inserted      map[string][]string // aggregate_id -> event ids in commit order
+	events        int
+	failure       string // the first hung or failed commit
+}
+
+// runLoad commits outbox rows from producers for d: each producer owns two
+// aggregates and commits transactions of 1 to 4 events about every 40 ms;
+// another database gets a single-row commit every 20 ms. It stops early on
+// the first commit that fails or takes longer than commitLimit.
+func runLoad(t *testing.T, outboxDB, otherDB *pgxpool.Pool, phase string, d time.Duration) *load {
+	t.Helper()
+	const producers = 4
+	ld := &load{inserted: map[string][]string{}}
+	var mu sync.Mutex
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	defer cancel()
+	fail := func(msg string) {
+		mu.Lock()
+		if ld.failure == "" {
+			ld.failure = msg
+		}
+		mu.Unlock()
+		cancel()
+	}
+	var wg sync.WaitGroup
+	for p := range producers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rng := rand.New(rand.NewPCG(uint64(p), uint64(phase[0])))
+			tick := time.NewTicker(40 * time.Millisecond)
+			defer tick.Stop()
+			for n := 0; ; n++ {
+				select {
+				case <-ctx.Done():
+					return
+				case <-tick.C:
+				}
+				agg := fmt.Sprintf("20000000-0000-4000-8000-%012d", p*2+n%2)
+				var evs []outbox.Event
+				for i := range 1 + rng.IntN(4) {
+					evs = append(evs, outbox.Event{
+						ID:            fmt.Sprintf("%08x-0000-4000-8000-%04x%08x", int(phase[0])<<8|p, i, n),
+						AggregateType: "order", AggregateID: agg, EventType: "changed",
+						Payload: json.RawMessage(fmt.Sprintf(`{"producer":%d,"n":%d,"i":%d}`, p, n, i)),
+					})
+				}
+				took, err := commitWith(outboxDB, func(tx pgx.Tx) error { return outbox.Insert(context.Background(), tx, evs...) })
+				if err != nil {
+					fail(fmt.Sprintf("%s: producer %d: outbox commit after %s: %v", phase, p, took.Round(time.Millisecond), err))
+					return
+				}
+				mu.Lock()
+				ld.outbox = append(ld.outbox, took)
+				for _, ev := range evs {
+					ld.inserted[agg] = append(ld.inserted[agg], ev.ID)
+				}
+				ld.events += len(evs)
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		tick := time.NewTicker(20 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+			took, err := commitWith(otherDB, func(tx pgx.Tx) error {
+				_, err := tx.Exec(context.Background(), `INSERT INTO other_writes (v) VALUES ('x')`)
+				return err
+			})
+			if err != nil {
+				fail(fmt.Sprintf("%s: commit in another database after %s: %v", phase, took.Round(time.Millisecond), err))
+				return
+			}
+			mu.Lock()
+			ld.other = append(ld.other, took)
+			mu.Unlock()
+		}
+	}()
+	wg.Wait()
+	return ld
+}
+
+// commitWith runs fn in a transaction and returns how long its COMMIT took;
+// a COMMIT longer than commitLimit is an error.
+func commitWith(pool *pgxpool.Pool, fn func(pgx.Tx) error) (time.Duration, error) {
+	ctx := context.Background()
+	tx, err := pool.Begin(ctx)
+	if err != nil {
+		return 0, err
+	}
+	defer tx.Rollback(ctx) //nolint:errcheck // after Commit a no-op
+	if err := fn(tx); err != nil {
+		return 0, err
+	}
+	cctx, cancel := context.WithTimeout(ctx, commitLimit)
+	defer cancel()
+	t0 := time.Now()
+	err = tx.Commit(cctx)
+	took := time.Since(t0)
+	if took >= commitLimit {
+		return took, fmt.Errorf("COMMIT hung for %s (limit %s): it waits for a synchronous standby that never "+
+			"confirms, the relay (invariant 12: no commit waits on the relay) (commit error: %v)", took.Round(time.Second), commitLimit, err)
+	}
+	return took, err
+}
+
+func percentile(ds []time.Duration, p float64) time.Duration {
+	if len(ds) == 0 {
+		return 0
+	}
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	i := int(p * float64(len(s)-1))
+	return s[i]
+}
+
+func describe(ds []time.Duration) string {
+	return fmt.Sprintf("n=%d median=%s p99=%s max=%s", len(ds),
+		percentile(ds, 0.5).Round(10*time.Microsecond), percentile(ds, 0.99).Round(10*time.Microsecond),
+		percentile(ds, 1).Round(10*time.Microsecond))
+}
+
+// TestSyncStandbyStarCommitsDoNotWaitOnRelay is the issue "never harm the
+// database it reads", case 1: with synchronous_standby_names = '*' the
+// relay's walsender, connected before the physical standby, becomes the
+// synchronous standby. Commits must not hang: the relay records the
+// broker's confirmation of rows it cannot mark yet, acknowledges, and marks
+// them once visible; it answers keepalives at once, so commits in other
+// databases do not wait for its status interval either. Nothing is lost,
+// every row is marked, per-aggregate order holds, and commit p99 stays
+// within 100 ms of a run without the relay's walsender.
+func TestSyncStandbyStarCommitsDoNotWaitOnRelay(t *testing.T) {
+	testenv.Integration(t)
+	c := startCluster(t)
+	c.sql("postgres", `CREATE DATABASE outbox`, `CREATE DATABASE otherdb`)
+	c.sql("otherdb", `CREATE TABLE other_writes (id bigserial PRIMARY KEY, v text)`)
+	e := newEnvAt(t, c.url("outbox"))
+	e.keep = false
+	// The default interval: without prompt replies, commits elsewhere in
+	// the cluster would wait up to this for the relay's flush report.
+	e.cfg.StatusInterval = time.Second
+	e.cfg.MarkDelay = 20 * time.Millisecond
+
+	ctx := context.Background()
+	otherDB, err := pgxpool.New(ctx, c.url("otherdb"))
+	must(t, err)
+	t.Cleanup(otherDB.Close)
+
+	c.sql("postgres", `ALTER SYSTEM SET synchronous_standby_names = '*'`, `SELECT pg_reload_conf()`)
+	waitFor(t, 15*time.Second, "standby1 to become the synchronous standby", func() bool {
+		return c.syncStates()["standby1"] == "sync"
+	})
+
+	// Give the relay the lower walsender slot: stop the standby, start the
+	// relay, start the standby again.
+	c.run("standby-stop")
+	start := func() *running {
+		return e.startWith(func(r *Relay) { r.opt.SyncCheckInterval = time.Second }, nil)
+	}
+	rr := start()
+	rr.waitStreaming(t)
+	c.run("standby-start")
+	var states map[string]string
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		states = c.syncStates()
+		if states["outbox-relay-test"] == "sync" && states["standby1"] == "potential" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("setup: the relay's walsender is not the synchronous standby: pg_stat_replication says %v", states)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Logf("pg_stat_replication: %v", states)
+
+	syncRun := runLoad(t, e.pool, otherDB, "sync", 20*time.Second)
+	if syncRun.failure != "" {
+		t.Fatalf("with the relay as synchronous standby: %s", syncRun.failure)
+	}
+	t.Logf("relay as synchronous standby: outbox commits %s; other database %s; %d events",
+		describe(syncRun.outbox), describe(syncRun.other), syncRun.events)
+	if s := c.syncStates(); s["outbox-relay-test"] != "sync" {
+		t.Fatalf("the relay stopped being the synchronous standby during the run: %v", s)
+	}
+	waitFor(t, 10*time.Second, "the relay's metric and /readyz to say it is the synchronous standby", func() bool {
+		return value(rr.metrics.SyncStandby.WithLabelValues("sync")) == 1 &&
+			strings.Contains(rr.metrics.Notice(), "synchronous standby candidate (sync_state sync")
+	})
+	if n := value(rr.metrics.EventsRecorded); n == 0 {
+		t.Fatal("no event went through outbox_relay_confirmed: the run did not exercise the durable record")
+	}
+	waitAllMarked(t, e, syncRun.events)
+	rr.stop(t)
+
+	// Baseline: the same load with no relay walsender (the slot is kept);
+	// standby1 is the synchronous standby.
+	waitFor(t, 15*time.Second, "standby1 to be the synchronous standby again", func() bool {
+		return c.syncStates()["standby1"] == "sync"
+	})
+	base := runLoad(t, e.pool, otherDB, "base", 10*time.Second)
+	if base.failure != "" {
+		t.Fatalf("baseline: %s", base.failure)
+	}
+	t.Logf("baseline (standby1 synchronous, no relay): outbox commits %s; other database %s",
+		describe(base.outbox), describe(base.other))
+
+	// The baseline's events come through the slot when a relay runs again.
+	start().waitStreaming(t)
+	waitAllMarked(t, e, syncRun.events+base.events)
+
+	// Nothing lost, nothing twice, per-aggregate order.
+	e.mu.Lock()
+	order := slices.Clone(e.order)
+	counts := make(map[string]int, len(e.ids))
+	for id, n := range e.ids {
+		counts[id] = n
+	}
+	e.mu.Unlock()
+	pos := make(map[string]int, len(order))
+	for i, id := range order {
+		if _, ok := pos[id]; !ok {
+			pos[id] = i
+		}
+	}
+	for _, ld := range []*load{syncRun, base} {
+		for agg, ids := range ld.inserted {
+			for i, id := range ids {
+				switch {
+				case counts[id] == 0:
+					t.Fatalf("event %s (aggregate %s) was never delivered", id, agg)
+				case counts[id] > 1:
+					t.Errorf("event %s was delivered %d times without any crash", id, counts[id])
+				case i > 0 && pos[id] < pos[ids[i-1]]:
+					t.Fatalf("aggregate %s: event %s arrived before %s, which was committed first", agg, id, ids[i-1])
+				}
+			}
+		}
+	}
+
+	// The issue's acceptance bound: commit p99 within 100 ms of the baseline.
+	for _, cmp := range []struct {
+		what      string
+		sync, bas []time.Duration
+	}{{"outbox commits", syncRun.outbox, base.outbox}, {"commits in another database", syncRun.other, base.other}} {
+		ps, pb := percentile(cmp.sync, 0.99), percentile(cmp.bas, 0.99)
+		t.Logf("%s: p99 %s with the relay as synchronous standby, %s baseline (difference %s, ratio %.1f)",
+			cmp.what, ps.Round(10*time.Microsecond), pb.Round(10*time.Microsecond), (ps - pb).Round(10*time.Microsecond),
+			float64(ps)/float64(max(pb, time.Microsecond)))
+		if ps-pb > 100*time.Millisecond {
+			t.Errorf("%s: p99 %s is more than 100ms above the baseline's %s", cmp.what, ps, pb)
+		}
+	}
+}
+
+// waitAllMarked waits until n distinct events arrived, no row is
+// unpublished and no confirmation record is left.
+func waitAllMarked(t *testing.T, e *env, n int) {
+	t.Helper()
+	waitFor(t, 60*time.Second, fmt.Sprintf("%d distinct events delivered", n), func() bool {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		return len(e.ids) >= n
+	})
+	waitFor(t, 60*time.Second, "every row marked published and no record left in outbox_relay_confirmed", func() bool {
+		var records int
+		must(t, e.pool.QueryRow(context.Background(), `SELECT count(*) FROM outbox_relay_confirmed`).Scan(&records))
+		return e.unpublished() == 0 && records == 0
+	})
+}
+
+// value reads a gauge or counter.
+func value(c prometheus.Metric) float64 {
+	var m dto.Metric
+	if err := c.Write(&m); err != nil {
+		return -1
+	}
+	if g := m.GetGauge(); g != nil {
+		return g.GetValue()
+	}
+	return m.GetCounter().GetValue()
+}
