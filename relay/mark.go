@@ -114,10 +114,18 @@ func (s *session) markBatch(ctx context.Context, batch []*item) error {
 	}
 	bo := newBackoff(time.Millisecond, 500*time.Millisecond)
 	started := time.Now()
-	warned := false
+	warned, checked := false, false
 	for attempt := 0; len(ids) > 0; attempt++ {
 		t0 := time.Now()
-		marked, err := s.r.markRows(ctx, ids)
+		var marked []string
+		var err error
+		if s.prompt.Load() {
+			// Commits may wait for the relay: their rows are invisible
+			// until it acknowledges. Mark and record in one round trip.
+			marked, err = s.markOrRecord(ctx, ids, batch)
+		} else {
+			marked, err = s.r.markRows(ctx, ids)
+		}
 		if err != nil {
 			return err
 		}
@@ -137,15 +145,12 @@ func (s *session) markBatch(ctx context.Context, batch []*item) error {
 		if len(ids) == 0 {
 			break
 		}
-		if attempt >= s.recordAfter() {
-			recorded, err := s.record(ctx, ids, batch)
-			if err != nil {
-				return err
-			}
-			ids = remove(ids, recorded)
-			if len(ids) == 0 {
-				break
-			}
+		if !checked && time.Since(started) > time.Second && s.conn != nil {
+			// Rows invisible for this long: the relay may have become a
+			// synchronous standby since its last check. Check now rather
+			// than at the next periodic check (up to 15s away).
+			checked = true
+			s.checkSyncNow(ctx)
 		}
 		if attempt >= 3 {
 			gone, err := s.deletedRows(ctx, ids, batch)
@@ -185,18 +190,6 @@ func (s *session) markBatch(ctx context.Context, batch []*item) error {
 	return nil
 }
 
-// recordAfter is how many mark attempts the rows of a committed transaction
-// may stay invisible before the relay records their confirmation instead.
-// Rows usually become visible within a retry (invariant 5); while the relay
-// may be a synchronous standby, they cannot until it acknowledges, so it
-// records at once.
-func (s *session) recordAfter() int {
-	if s.prompt.Load() {
-		return 0
-	}
-	return 1
-}
-
 // widenXid is the SQL for the 64-bit xid8 of a 32-bit xid (the $n given)
 // that is recent relative to cur.xmax, the xmax of the current snapshot:
 // the epoch of xmax, one less if the xid is numerically above xmax's low
@@ -206,8 +199,11 @@ func widenXid(param string) string {
 		param + `)::text::xid8`
 }
 
-// record stores the broker's confirmation of stream events whose rows are
-// not visible yet, in one local commit, and returns the ids it recorded.
+// markOrRecord marks the rows of ids that are visible, and records the
+// broker's confirmation of stream events whose rows are not visible yet,
+// in one statement and one local commit. It returns the ids done either
+// way.
+//
 // Every event the stream delivers is committed: the walsender decodes only
 // WAL flushed to disk, commit record included. Its rows can still be
 // invisible to other sessions: a commit waiting for a synchronous standby
@@ -217,14 +213,16 @@ func widenXid(param string) string {
 // after the relay acknowledges their LSN. The record stands in for the mark
 // until completeRecorded sets published_at (DESIGN.md, invariant 1's
 // exception): the replay filter and the table sweep treat a recorded id as
-// published, so the acknowledgement can go out before the mark.
-func (s *session) record(ctx context.Context, ids []string, batch []*item) ([]string, error) {
+// published, so the acknowledgement can go out before the mark. The marker
+// records only while commits may wait for the relay (session.prompt);
+// otherwise invisible rows are the short race of invariant 5, and it waits.
+func (s *session) markOrRecord(ctx context.Context, ids []string, batch []*item) ([]string, error) {
 	want := make(map[string]struct{}, len(ids))
 	for _, id := range ids {
 		want[id] = struct{}{}
 	}
-	var rid []string
-	var xids []int64
+	rid := make([]string, 0, len(ids))
+	xids := make([]int64, 0, len(ids))
 	for _, it := range batch {
 		if _, ok := want[it.ev.ID]; ok && it.xid != 0 && !it.sweep {
 			rid = append(rid, it.ev.ID)
@@ -232,34 +230,54 @@ func (s *session) record(ctx context.Context, ids []string, batch []*item) ([]st
 			delete(want, it.ev.ID)
 		}
 	}
-	if len(rid) == 0 {
-		return nil, nil
-	}
-	// Only rows whose transaction is still not visible: one that became
-	// visible meanwhile is marked by the next attempt.
+	// One snapshot: a row is marked if visible, and recorded only if its
+	// transaction is not; a row that becomes visible after the statement is
+	// marked by completeRecorded.
 	q := `WITH cur AS (SELECT pg_current_snapshot() AS snap,
 			pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax),
+		marked AS (UPDATE ` + s.r.tableIdent + ` SET published_at = now()
+			WHERE id = ANY($2::uuid[]) AND published_at IS NULL RETURNING id),
 		x AS (SELECT u.id, ` + widenXid("u.xid") + ` AS xid, cur.snap
-			FROM unnest($2::uuid[], $3::bigint[]) AS u(id, xid), cur)
-		INSERT INTO outbox_relay_confirmed (slot_name, id, xid)
-		SELECT $1, x.id, x.xid FROM x WHERE NOT pg_visible_in_snapshot(x.xid, x.snap)
-		ON CONFLICT (slot_name, id) DO NOTHING
-		RETURNING id::text`
-	recorded, err := s.r.ids(ctx, "record confirmed events (outbox_relay_confirmed)", q, s.r.cfg.Slot, rid, xids)
+			FROM unnest($3::uuid[], $4::bigint[]) AS u(id, xid), cur),
+		rec AS (INSERT INTO outbox_relay_confirmed (slot_name, id, xid)
+			SELECT $1, x.id, x.xid FROM x WHERE NOT pg_visible_in_snapshot(x.xid, x.snap)
+			ON CONFLICT (slot_name, id) DO NOTHING RETURNING id)
+		SELECT id::text, false FROM marked UNION ALL SELECT id::text, true FROM rec`
+	qctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
+	defer cancel()
+	rows, err := s.r.opt.Pool.Query(qctx, q, s.r.cfg.Slot, ids, rid, xids)
 	if err != nil {
-		return nil, err
+		return nil, classifyPg(fmt.Errorf("mark rows published or record them (outbox_relay_confirmed): %w", err))
 	}
-	if n := len(recorded); n > 0 {
-		s.records += n
+	done := make([]string, 0, len(ids))
+	recorded := 0
+	for rows.Next() {
+		var id string
+		var rec bool
+		if err := rows.Scan(&id, &rec); err != nil {
+			rows.Close()
+			return nil, classifyPg(fmt.Errorf("mark rows published or record them: %w", err))
+		}
+		done = append(done, id)
+		if rec {
+			recorded++
+		}
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, classifyPg(fmt.Errorf("mark rows published or record them: %w", err))
+	}
+	if recorded > 0 {
+		s.records += recorded
 		s.completeWait = completeEvery
-		s.r.m.EventsRecorded.Add(float64(n))
+		s.r.m.EventsRecorded.Add(float64(recorded))
 	}
-	return recorded, nil
+	return done, nil
 }
 
 // completeEvery is how often recorded events are completed while events
 // flow, and the first wait when they do not.
-const completeEvery = 10 * time.Millisecond
+const completeEvery = 20 * time.Millisecond
 
 // codeUndefinedTable is SQLSTATE 42P01.
 const codeUndefinedTable = "42P01"

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -56,12 +57,13 @@ type session struct {
 	// candidate, or RELAY_SYNC_PUBLISH): the reader answers as soon as the
 	// done position moves, not on the status interval (promptStatus).
 	prompt   atomic.Bool
+	syncMu   sync.Mutex    // serializes applySync
 	started  chan struct{} // closed once streaming
 	progress chan struct{} // the marker finished events (capacity 1)
 	sentPos  pglogrepl.LSN // the reader's last status: position and time
 	sentAt   time.Time
 
-	// The marker's records (mark.go, record): how many of this slot's
+	// The marker's records (mark.go, markOrRecord): how many of this slot's
 	// confirmed events wait in outbox_relay_confirmed for their mark.
 	records      int
 	completeWait time.Duration

@@ -17,7 +17,7 @@ import (
 // cannot refuse the role; it detects it, says so, and behaves so that no
 // commit waits longer than it must: it answers at once when its done
 // position moves (session.promptStatus), and it acknowledges rows it cannot
-// mark yet once their broker confirmation is recorded (mark.go, record).
+// mark yet once their broker confirmation is recorded (mark.go, markOrRecord).
 
 // Sync states as pg_stat_replication.sync_state shows them, plus the relay's
 // own "unknown": the role may not read sync_state (it needs pg_monitor or
@@ -106,7 +106,8 @@ func namesRelay(setting, app string) bool {
 
 // watchSync reads the relay's sync_state when streaming starts, again a
 // second later (a walsender becomes eligible only once it has reported a
-// flush position), and then every SyncCheckInterval. Failures are logged
+// flush position), and then every SyncCheckInterval; the marker also checks
+// when rows stay invisible (checkSyncNow). Failures are logged
 // and retried at the next check: detection never ends a session.
 func (s *session) watchSync(soft, ctx context.Context) error {
 	select {
@@ -140,23 +141,40 @@ func (s *session) watchSync(soft, ctx context.Context) error {
 		if checks == 0 {
 			wait = min(wait, time.Second)
 		}
-		qctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
-		rd, err := s.r.readSyncState(qctx, pid)
-		cancel()
-		if err != nil {
-			if ctx.Err() == nil {
-				s.r.m.Retries.WithLabelValues("postgres", "sync_state").Inc()
-				s.log.Warn().Err(err).Msg("could not read the relay's sync_state in pg_stat_replication; trying again later")
-			}
-			continue
-		}
-		s.applySync(rd)
+		s.checkSync(ctx, pid)
 	}
+}
+
+// checkSyncNow is a check outside the schedule, from the marker: rows of a
+// committed transaction stay invisible, as when the relay has just become
+// the synchronous standby.
+func (s *session) checkSyncNow(ctx context.Context) {
+	select {
+	case <-s.started:
+		s.checkSync(ctx, s.conn.PID())
+	default: // not streaming: the walsender is nobody's standby yet
+	}
+}
+
+func (s *session) checkSync(ctx context.Context, pid uint32) {
+	qctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
+	rd, err := s.r.readSyncState(qctx, pid)
+	cancel()
+	if err != nil {
+		if ctx.Err() == nil {
+			s.r.m.Retries.WithLabelValues("postgres", "sync_state").Inc()
+			s.log.Warn().Err(err).Msg("could not read the relay's sync_state in pg_stat_replication; trying again later")
+		}
+		return
+	}
+	s.applySync(rd)
 }
 
 // applySync acts on a reading: prompt replies while commits may wait for
 // the relay, the metric, /readyz, and a log line when the state changes.
 func (s *session) applySync(rd syncReading) {
+	s.syncMu.Lock() // the watcher and the marker
+	defer s.syncMu.Unlock()
 	r := s.r
 	candidate := syncCandidate(rd.state)
 	s.prompt.Store(candidate || r.cfg.SyncPublish)
