@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"strconv"
 	"sync"
 	"time"
 
@@ -38,7 +39,8 @@ type Metrics struct {
 	Unpublished      prometheus.Gauge
 	OldestUnpublishd prometheus.Gauge
 	// SyncStandby is 1 while the relay's walsender is a synchronous standby
-	// candidate, labelled with its pg_stat_replication sync_state.
+	// candidate, labelled with its pg_stat_replication sync_state and
+	// whether RELAY_SYNC_PUBLISH asks for it.
 	SyncStandby    *prometheus.GaugeVec
 	EventsRecorded prometheus.Counter
 
@@ -92,7 +94,8 @@ func New() *Metrics {
 		Help: "Age of the oldest unpublished row."})
 	m.SyncStandby = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "outbox_relay_sync_standby",
 		Help: "1 while the relay's walsender is a synchronous standby candidate (sync_state sync, quorum or potential, " +
-			"or unknown while synchronous_standby_names names it), 0 otherwise; the label is the state."}, []string{"sync_state"})
+			"or unknown while synchronous_standby_names names it), 0 otherwise; sync_state is the state, " +
+			"sync_publish whether RELAY_SYNC_PUBLISH asks for it."}, []string{"sync_state", "sync_publish"})
 	m.EventsRecorded = prometheus.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_events_recorded_total",
 		Help: "Confirmed events recorded in outbox_relay_confirmed because their rows were not yet visible to mark " +
 			"(their commit waited, e.g. for a synchronous standby)."})
@@ -116,13 +119,13 @@ func (m *Metrics) SetReady(ready bool, why string) {
 }
 
 // SetSyncStandby records the relay's synchronous standby state.
-func (m *Metrics) SetSyncStandby(state string, candidate bool) {
+func (m *Metrics) SetSyncStandby(state string, candidate, syncPublish bool) {
 	m.SyncStandby.Reset()
 	v := 0.0
 	if candidate {
 		v = 1
 	}
-	m.SyncStandby.WithLabelValues(state).Set(v)
+	m.SyncStandby.WithLabelValues(state, strconv.FormatBool(syncPublish)).Set(v)
 }
 
 // SetNotice sets a line /readyz shows besides readiness ("" clears it):

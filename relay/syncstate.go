@@ -178,7 +178,7 @@ func (s *session) applySync(rd syncReading) {
 	r := s.r
 	candidate := syncCandidate(rd.state)
 	s.prompt.Store(candidate || r.cfg.SyncPublish)
-	r.m.SetSyncStandby(rd.state, candidate)
+	r.m.SetSyncStandby(rd.state, candidate, r.cfg.SyncPublish)
 	notice := ""
 	switch {
 	case candidate && r.cfg.SyncPublish:
