@@ -191,12 +191,12 @@ func (s *session) markBatch(ctx context.Context, batch []*item) error {
 }
 
 // widenXid is the SQL for the 64-bit xid8 of a 32-bit xid (the $n given)
-// that is recent relative to cur.xmax, the xmax of the current snapshot:
-// the epoch of xmax, one less if the xid is numerically above xmax's low
-// half (it was assigned before the wrap).
+// within 2^31 of cur.xmax, the xmax of the current snapshot: xmax plus the
+// signed 32-bit distance from it. A transaction still in progress can have
+// an xid above xmax (xmax is one past the latest completed xid), one from
+// before the last wraparound is numerically far above it.
 func widenXid(param string) string {
-	return `((((cur.xmax >> 32) - CASE WHEN ` + param + ` > (cur.xmax & 4294967295) THEN 1 ELSE 0 END) << 32) | ` +
-		param + `)::text::xid8`
+	return `(cur.xmax + ((((` + param + ` - (cur.xmax & 4294967295)) % 4294967296) + 6442450944) % 4294967296) - 2147483648)::text::xid8`
 }
 
 // markOrRecord marks the rows of ids that are visible, and records the
@@ -427,9 +427,7 @@ func (s *session) deletedRows(ctx context.Context, ids []string, batch []*item) 
 			err := s.r.opt.Pool.QueryRow(ctx, `
 				WITH cur AS (SELECT pg_current_snapshot() AS snap,
 					pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax)
-				SELECT pg_visible_in_snapshot(
-					((((xmax >> 32) - CASE WHEN $1::bigint > (xmax & 4294967295) THEN 1 ELSE 0 END) << 32) | $1::bigint)::text::xid8,
-					snap)
+				SELECT pg_visible_in_snapshot(`+widenXid("$1::bigint")+`, cur.snap)
 				FROM cur`, int64(it.xid)).Scan(&visible)
 			if err != nil {
 				return nil, classifyPg(fmt.Errorf("check transaction visibility: %w", err))
