@@ -165,7 +165,9 @@ func (r *Relay) session(ctx context.Context) error {
 		filtering: true,
 		retry:     newBackoff(r.cfg.BackoffMin, r.cfg.BackoffMax),
 	}
-	s.prompt.Store(r.cfg.SyncPublish)
+	// Until this session's first check, assume what the last one found: a
+	// reconnecting synchronous standby is one again at once.
+	s.prompt.Store(r.cfg.SyncPublish || syncCandidate(r.syncLogged))
 	r.m.AckedLSN.Set(float64(start))
 
 	// The pipeline runs on its own context: SIGTERM (ctx) only stops the
