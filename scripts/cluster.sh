@@ -96,8 +96,12 @@ EOF
 
 	# -c fast: otherwise pg_basebackup waits for a spread checkpoint (4.5 min here).
 	as_pg "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$PRIMARY_PORT" -U postgres -D "$dir/standby" -R -X stream -c fast
+	# wal_receiver_status_interval = 1s: the standby reports its position
+	# at least every second even without new WAL, so that a commit waiting
+	# for a synchronous standby that just took the role is released soon.
 	cat >>"$dir/standby/postgresql.conf" <<EOF
 port = $STANDBY_PORT
+wal_receiver_status_interval = 1s
 EOF
 	# Name the standby: without application_name its walreceiver reports
 	# "walreceiver". A later line in postgresql.auto.conf wins over the one
