@@ -184,6 +184,7 @@ func (s *session) markBatch(ctx context.Context, batch []*item) error {
 		}
 		s.tracker.Finish(it.tx, 1)
 	}
+	s.finished.Add(uint64(len(batch)))
 	if s.prompt.Load() {
 		s.notifyDone()
 	}

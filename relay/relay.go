@@ -33,6 +33,9 @@ type Options struct {
 	// SyncCheckInterval is how often the relay reads whether its walsender
 	// is a synchronous standby (syncstate.go); 15s when zero.
 	SyncCheckInterval time.Duration
+	// SyncStallLimit and SyncHoldOff are the step-aside guard's bounds
+	// (syncstate.go, checkStall): 3s and 30s when zero.
+	SyncStallLimit, SyncHoldOff time.Duration
 }
 
 // Relay streams the outbox until its context ends.
@@ -70,6 +73,12 @@ func New(opt Options) (*Relay, error) {
 	}
 	if opt.SyncCheckInterval == 0 {
 		opt.SyncCheckInterval = defaultSyncCheckInterval
+	}
+	if opt.SyncStallLimit == 0 {
+		opt.SyncStallLimit = 3 * time.Second
+	}
+	if opt.SyncHoldOff == 0 {
+		opt.SyncHoldOff = 30 * time.Second
 	}
 	key, err := config.ParseRoutingKey(opt.Config.RoutingKey)
 	if err != nil {
@@ -123,6 +132,17 @@ func (r *Relay) Run(ctx context.Context) error {
 		if standby {
 			standby = false
 			r.m.Standby.Set(0)
+		}
+		if errors.Is(err, errStepAside) {
+			r.m.Retries.WithLabelValues("postgres", "sync_standby_step_aside").Inc()
+			r.m.SetReady(false, "stepped aside as synchronous standby: "+err.Error())
+			r.log.Error().Err(err).Dur("retry_in", r.opt.SyncHoldOff).
+				Msg("the relay is an unintended synchronous standby and could not keep up: disconnected so that commits do not wait for it. " +
+					"Name the physical standbys in synchronous_standby_names instead of '*'")
+			if !sleep(ctx, r.opt.SyncHoldOff) {
+				return nil
+			}
+			continue
 		}
 		if errors.Is(err, ErrMisconfigured) && !r.streamed {
 			return err

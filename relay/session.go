@@ -63,6 +63,13 @@ type session struct {
 	sentPos  pglogrepl.LSN // the reader's last status: position and time
 	sentAt   time.Time
 
+	// The step-aside guard (syncstate.go, checkStall): while the relay is
+	// an unintended synchronous standby and another candidate exists.
+	mayStepAside atomic.Bool
+	finished     atomic.Uint64 // events the marker finished
+	stallSeen    uint64        // finished, at the reader's last check
+	stuckSince   time.Time
+
 	// The marker's records (mark.go, markOrRecord): how many of this slot's
 	// confirmed events wait in outbox_relay_confirmed for their mark.
 	records      int
@@ -225,6 +232,14 @@ func (s *session) read(soft, ctx context.Context, sweep pgx.Tx) (err error) {
 	case errors.Is(err, errStopping):
 		s.r.m.SetReady(false, "shutting down")
 		return s.awaitDrain(ctx)
+	case errors.Is(err, errStepAside):
+		// Leave at once, without waiting for the pipeline (it may be stuck
+		// on the broker): while the walsender lives, commits wait for it.
+		_ = s.sendStatus(false)
+		s.streaming = false // nothing more to tell the server
+		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_ = s.conn.Close(cctx)
+		cancel()
 	case err != nil && ctx.Err() == nil:
 		// The stream failed but the broker may be fine: give the events in
 		// flight a moment to be confirmed, so they are marked (or carried
@@ -305,6 +320,9 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 				return err
 			}
 			nextStatus = now.Add(interval)
+			if err := s.checkStall(now); err != nil {
+				return err
+			}
 			continue
 		}
 		if err != nil {
@@ -326,6 +344,9 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 					return err
 				}
 				nextStatus = now.Add(interval)
+				if err := s.checkStall(now); err != nil {
+					return err
+				}
 			case moved && s.prompt.Load():
 				// A synchronous standby's walsender sends keepalives
 				// without asking for a reply and waits for the flush
@@ -373,6 +394,9 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 				return err
 			}
 			nextStatus = now.Add(interval)
+			if err := s.checkStall(now); err != nil {
+				return err
+			}
 		}
 	}
 }
@@ -397,6 +421,9 @@ func (s *session) send(ctx context.Context, it *item, nextStatus *time.Time) err
 				return err
 			}
 			*nextStatus = time.Now().Add(s.r.cfg.StatusInterval)
+			if err := s.checkStall(time.Now()); err != nil {
+				return err
+			}
 			continue
 		}
 		t := time.NewTimer(wait)

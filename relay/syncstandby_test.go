@@ -21,6 +21,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/sink"
 	relaystatus "github.com/outbox-relay/outbox-relay/status"
 )
 
@@ -548,4 +549,97 @@ func TestSyncPublishCommitLatency(t *testing.T) {
 	// Leave the cluster writable for the cleanups, which commit.
 	c.sql("postgres", `ALTER SYSTEM SET synchronous_standby_names = ''`, `SELECT pg_reload_conf()`)
 	rr.stop(t)
+}
+
+// TestSyncStandbyStepsAsideWhenTheBrokerStalls (invariant 12): the relay is
+// the synchronous standby nobody asked for, and the broker stops
+// confirming (as under a RabbitMQ memory alarm). Every commit in the
+// cluster would wait for the broker; instead the relay leaves within its
+// stall limit, the physical standby takes the role, and commits go on.
+// Once the broker confirms again the relay comes back and delivers and
+// marks everything.
+func TestSyncStandbyStepsAsideWhenTheBrokerStalls(t *testing.T) {
+	testenv.Integration(t)
+	c := startCluster(t)
+	c.sql("postgres", `CREATE DATABASE outbox`, `CREATE DATABASE otherdb`)
+	c.sql("otherdb", `CREATE TABLE other_writes (id bigserial PRIMARY KEY, v text)`)
+	e := newEnvAt(t, c.url("outbox"))
+	ctx := context.Background()
+	otherDB, err := pgxpool.New(ctx, c.url("otherdb"))
+	must(t, err)
+	t.Cleanup(otherDB.Close)
+	c.sql("postgres", `ALTER SYSTEM SET synchronous_standby_names = '*'`, `SELECT pg_reload_conf()`)
+	waitFor(t, 15*time.Second, "standby1 to become the synchronous standby", func() bool {
+		return c.syncStates()["standby1"] == "sync"
+	})
+
+	gate := make(chan struct{}) // confirms are held until it closes
+	var rr *running
+	c.run("standby-stop")
+	rr = e.startWith(func(r *Relay) {
+		r.opt.SyncCheckInterval = time.Second
+		r.opt.SyncStallLimit = 2 * time.Second
+		r.opt.SyncHoldOff = 3 * time.Second
+	}, func(p sink.Publisher) sink.Publisher { return &gated{Publisher: p, open: gate} })
+	rr.waitStreaming(t)
+	c.run("standby-start")
+	waitFor(t, 15*time.Second, "the relay to be the synchronous standby, standby1 potential", func() bool {
+		s := c.syncStates()
+		return s["outbox-relay-test"] == "sync" && s["standby1"] == "potential"
+	})
+	waitFor(t, 10*time.Second, "the relay to know it is the synchronous standby", func() bool {
+		return value(rr.metrics.SyncStandby.WithLabelValues("sync", "false")) == 1
+	})
+	time.Sleep(1500 * time.Millisecond) // a check that has seen standby1 as a candidate
+
+	evs := []event{newEvent("order", "created", `{}`), newEvent("order", "paid", `{}`)}
+	t0 := time.Now()
+	done := make(chan error, 1)
+	go func() {
+		_, err := commitWith(e.pool, func(tx pgx.Tx) error {
+			for _, ev := range evs {
+				if err := outbox.Insert(ctx, tx, outbox.Event{ID: ev.ID, AggregateType: ev.AggregateType,
+					AggregateID: ev.AggregateID, EventType: ev.EventType, Payload: json.RawMessage(ev.Payload)}); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		done <- err
+	}()
+	if err := <-done; err != nil {
+		close(gate)
+		t.Fatalf("an outbox commit while the broker held its confirms: %v", err)
+	}
+	took := time.Since(t0)
+	t.Logf("outbox commit with the broker holding confirms took %s", took.Round(time.Millisecond))
+	if took > 8*time.Second {
+		t.Errorf("the commit waited %s for a relay whose broker did not confirm (stall limit 2s)", took)
+	}
+	// Meanwhile commits elsewhere go on without the relay.
+	if took, err := commitWith(otherDB, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `INSERT INTO other_writes (v) VALUES ('x')`)
+		return err
+	}); err != nil || took > time.Second {
+		t.Errorf("a commit in another database took %s (%v) after the relay stepped aside", took, err)
+	}
+	if n := value(rr.metrics.Retries.WithLabelValues("postgres", "sync_standby_step_aside")); n < 1 {
+		t.Errorf("the relay did not count a step-aside (retries = %v)", n)
+	}
+	close(gate)
+	waitFor(t, 60*time.Second, "both events delivered", func() bool {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		return e.ids[evs[0].ID] > 0 && e.ids[evs[1].ID] > 0
+	})
+	waitFor(t, 30*time.Second, "every row marked and no record left", func() bool {
+		var n int
+		must(t, e.pool.QueryRow(ctx, `SELECT count(*) FROM outbox_relay_confirmed`).Scan(&n))
+		return e.unpublished() == 0 && n == 0
+	})
+	order := e.receivedIDs()
+	first := slices.Index(order, evs[0].ID)
+	if second := slices.Index(order, evs[1].ID); first < 0 || second < first {
+		t.Errorf("events arrived out of order: %v", order)
+	}
 }

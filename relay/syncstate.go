@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -48,6 +49,9 @@ type syncReading struct {
 	state  string // one of the sync* constants
 	names  string // synchronous_standby_names
 	others string // application_names of the physical standbys, comma-separated
+	// otherCandidates counts the other walsenders that are synchronous
+	// standby candidates: PostgreSQL picks one of them if the relay leaves.
+	otherCandidates int
 }
 
 // readSyncState reads the sync_state of the walsender with pid, the
@@ -63,8 +67,10 @@ func (r *Relay) readSyncState(ctx context.Context, pid uint32) (syncReading, err
 				FROM pg_stat_replication p
 				WHERE p.pid <> $1 AND p.application_name <> ''
 				AND NOT EXISTS (SELECT 1 FROM pg_replication_slots s
-					WHERE s.active_pid = p.pid AND s.slot_type = 'logical')), '')`,
-		int64(pid)).Scan(&state, &rd.names, &rd.others)
+					WHERE s.active_pid = p.pid AND s.slot_type = 'logical')), ''),
+			(SELECT count(*) FROM pg_stat_replication p
+				WHERE p.pid <> $1 AND p.sync_state IN ('sync', 'quorum', 'potential'))`,
+		int64(pid)).Scan(&state, &rd.names, &rd.others, &rd.otherCandidates)
 	if err != nil {
 		return rd, classifyPg(fmt.Errorf("read pg_stat_replication: %w", err))
 	}
@@ -178,6 +184,7 @@ func (s *session) applySync(rd syncReading) {
 	r := s.r
 	candidate := syncCandidate(rd.state)
 	s.prompt.Store(candidate || r.cfg.SyncPublish)
+	s.mayStepAside.Store(candidate && !r.cfg.SyncPublish && rd.otherCandidates > 0)
 	r.m.SetSyncStandby(rd.state, candidate, r.cfg.SyncPublish)
 	notice := ""
 	switch {
@@ -222,4 +229,40 @@ func syncFix(rd syncReading) string {
 	}
 	return fmt.Sprintf("Fix: name the physical standbys in synchronous_standby_names instead of '*', e.g. '%s' "+
 		"(a standby's name is application_name in its primary_conninfo), or set RELAY_SYNC_PUBLISH=true if this is meant", example)
+}
+
+// errStepAside ends a session in which the relay, an unintended synchronous
+// standby, could not finish any event for syncStallLimit: every commit in
+// the cluster was waiting for it (typically for the broker's confirms).
+var errStepAside = errors.New("stepping aside as synchronous standby")
+
+// checkStall is the step-aside guard (invariant 12). While the relay is a
+// synchronous standby nobody asked for (not RELAY_SYNC_PUBLISH) and another
+// walsender could take the role, a relay that finishes no event for
+// SyncStallLimit with work in flight ends its session: its walsender
+// leaves, PostgreSQL picks the other candidate, and commits go on. Run waits
+// SyncHoldOff before connecting again, since the relay would take the
+// lowest walsender slot, and the role, again. Nothing is acknowledged early:
+// the unfinished events are replayed. Progress is counted in events, not
+// in the done position, so one very large transaction never trips it.
+func (s *session) checkStall(now time.Time) error {
+	if !s.mayStepAside.Load() {
+		s.stuckSince = time.Time{}
+		return nil
+	}
+	n := s.finished.Load()
+	if n != s.stallSeen || s.tracker.InFlight() == 0 {
+		s.stallSeen, s.stuckSince = n, time.Time{}
+		return nil
+	}
+	if s.stuckSince.IsZero() {
+		s.stuckSince = now
+		return nil
+	}
+	if stuck := now.Sub(s.stuckSince); stuck >= s.r.opt.SyncStallLimit {
+		return fmt.Errorf("%w: no event finished for %s while every commit waited for the relay "+
+			"(the broker is not confirming, or marks are stuck); another standby takes the role for %s",
+			errStepAside, stuck.Round(100*time.Millisecond), s.r.opt.SyncHoldOff)
+	}
+	return nil
 }
