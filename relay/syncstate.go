@@ -184,7 +184,10 @@ func (s *session) applySync(rd syncReading) {
 	r := s.r
 	candidate := syncCandidate(rd.state)
 	s.prompt.Store(candidate || r.cfg.SyncPublish)
-	s.mayStepAside.Store(candidate && !r.cfg.SyncPublish && rd.otherCandidates > 0)
+	// Step aside only where commits do wait for the relay (not while it is
+	// merely potential) and someone else can take the role.
+	waitedOn := rd.state == syncSync || rd.state == syncQuorum
+	s.mayStepAside.Store(waitedOn && !r.cfg.SyncPublish && rd.otherCandidates > 0)
 	r.m.SetSyncStandby(rd.state, candidate, r.cfg.SyncPublish)
 	notice := ""
 	switch {
@@ -237,8 +240,8 @@ func syncFix(rd syncReading) string {
 var errStepAside = errors.New("stepping aside as synchronous standby")
 
 // checkStall is the step-aside guard (invariant 12). While the relay is a
-// synchronous standby nobody asked for (not RELAY_SYNC_PUBLISH) and another
-// walsender could take the role, a relay that finishes no event for
+// synchronous standby nobody asked for (sync_state sync or quorum, not
+// RELAY_SYNC_PUBLISH) and another walsender could take the role, a relay that finishes no event for
 // SyncStallLimit with work in flight ends its session: its walsender
 // leaves, PostgreSQL picks the other candidate, and commits go on. Run waits
 // SyncHoldOff before connecting again, since the relay would take the
