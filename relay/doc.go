@@ -70,10 +70,11 @@
 //     transaction is replayed and published again (the usual window);
 //   - confirmed, before the record commits: the same, a duplicate at most;
 //   - record committed, before the status update: the LSN is not
-//     acknowledged, the transaction is replayed, the filter finds the
-//     records and skips the events (not published twice); the skipped
-//     events finish, the LSN is acknowledged, and the start of the session
-//     marks the rows once visible;
+//     acknowledged and the commit still waits; the transaction is
+//     replayed, the filter finds the records and skips the events (not
+//     published twice); the skipped events finish, the LSN is acknowledged,
+//     the commit is released, and the marker marks the rows from their
+//     records once visible;
 //   - acknowledged, before the mark: the slot does not replay it; the
 //     session start marks the rows from their records, and a table sweep
 //     (after the slot is lost) skips recorded ids;
@@ -91,9 +92,10 @@
 // No LSN is acknowledged before the broker confirms, so while the relay is
 // the synchronous standby every commit in the cluster also waits for the
 // broker (measured: a 4.7 s RabbitMQ memory alarm held every commit 4.7 s).
-// Unless an operator asked for it (RELAY_SYNC_PUBLISH), a relay that
-// finishes no event for 3 s with work in flight, while another walsender is
-// a candidate too, steps aside (checkStall): it closes its replication
+// Unless an operator asked for it (RELAY_SYNC_PUBLISH), a relay that is the
+// synchronous standby (sync or quorum) and finishes no event for 3 s with
+// work in flight, while another walsender is a candidate too, steps aside
+// (checkStall): it closes its replication
 // connection, PostgreSQL picks the other standby, and the relay waits 30 s
 // before it connects again (it would take the lowest walsender slot, and
 // the role, again). Its unfinished events are replayed.
