@@ -643,3 +643,51 @@ func TestSyncStandbyStepsAsideWhenTheBrokerStalls(t *testing.T) {
 		t.Errorf("events arrived out of order: %v", order)
 	}
 }
+
+// TestSyncStandbyUnderLeastPrivilege: the relay's role (as
+// deploy/least-privilege.sql makes it, without pg_monitor) cannot read its
+// walsender's sync_state, which pg_stat_replication shows as NULL (checked
+// on PostgreSQL 15). With synchronous_standby_names = '*' the relay assumes
+// it may be the synchronous standby (sync_state "unknown"), and commits do
+// not hang when it is.
+func TestSyncStandbyUnderLeastPrivilege(t *testing.T) {
+	testenv.Integration(t)
+	c := startCluster(t)
+	c.sql("postgres", `CREATE DATABASE outbox`, `CREATE DATABASE otherdb`)
+	c.sql("otherdb", `CREATE TABLE other_writes (id bigserial PRIMARY KEY, v text)`)
+	e := newEnvAt(t, c.url("outbox"))
+	e.keep = false
+	c.sql("outbox", `CREATE ROLE outbox_relay_lp LOGIN REPLICATION`,
+		`GRANT SELECT, UPDATE (published_at) ON outbox_events TO outbox_relay_lp`,
+		`GRANT SELECT, INSERT, UPDATE ON outbox_relay_slot_state TO outbox_relay_lp`,
+		`GRANT SELECT, INSERT, DELETE ON outbox_relay_confirmed TO outbox_relay_lp`)
+	e.dbURL = strings.Replace(c.url("outbox"), "postgres@", "outbox_relay_lp@", 1) // the relay's connections only
+	ctx := context.Background()
+	otherDB, err := pgxpool.New(ctx, c.url("otherdb"))
+	must(t, err)
+	t.Cleanup(otherDB.Close)
+	c.sql("postgres", `ALTER SYSTEM SET synchronous_standby_names = '*'`, `SELECT pg_reload_conf()`)
+	waitFor(t, 15*time.Second, "standby1 to become the synchronous standby", func() bool {
+		return c.syncStates()["standby1"] == "sync"
+	})
+
+	c.run("standby-stop")
+	rr := e.startWith(func(r *Relay) { r.opt.SyncCheckInterval = time.Second }, nil)
+	rr.waitStreaming(t)
+	c.run("standby-start")
+	waitFor(t, 15*time.Second, "the relay to be the synchronous standby", func() bool {
+		s := c.syncStates()
+		return s["outbox-relay-test"] == "sync" && s["standby1"] == "potential"
+	})
+	waitFor(t, 10*time.Second, "the relay to say it may be the synchronous standby (sync_state unknown)", func() bool {
+		return value(rr.metrics.SyncStandby.WithLabelValues("unknown", "false")) == 1
+	})
+	ld := runLoad(t, e.pool, otherDB, "leastprivilege", 5*time.Second, defaultLoad)
+	if ld.failure != "" {
+		t.Fatal(ld.failure)
+	}
+	t.Logf("relay as synchronous standby without pg_monitor: outbox commits %s; other database %s",
+		describe(ld.outbox), describe(ld.other))
+	waitAllMarked(t, e, ld.events)
+	rr.stop(t)
+}
