@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"hash/fnv"
 	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
 	"regexp"
 	"slices"
 	"strings"
@@ -256,6 +258,13 @@ func TestSyncStandbyStarCommitsDoNotWaitOnRelay(t *testing.T) {
 			return value(rr.metrics.SyncStandby.WithLabelValues("sync", "false")) == 1 &&
 				strings.Contains(rr.metrics.Notice(), "synchronous standby candidate (sync_state sync")
 		})
+		// /readyz: ready (streaming), with the explanation.
+		rec := httptest.NewRecorder()
+		rr.metrics.Handler().ServeHTTP(rec, httptest.NewRequest(http.MethodGet, "/readyz", nil))
+		if body := rec.Body.String(); rec.Code != http.StatusOK || !strings.HasPrefix(body, "streaming\n") ||
+			!strings.Contains(body, "synchronous standby candidate (sync_state sync") || !strings.Contains(body, "FIRST 1 (standby1)") {
+			t.Errorf("/readyz = %d %q, want streaming and why commits may wait for the relay, with the fix", rec.Code, body)
+		}
 		// outbox-relay status says it too, in text and JSON.
 		rep, err := relaystatus.Gather(ctx, e.pool, e.cfg.Slot, e.cfg.Publication, "public", "outbox_events", 0, false)
 		must(t, err)
