@@ -12,4 +12,7 @@
 // seconds: an inactive slot of anyone else on the same server that lags
 // far enough behind is invalidated too (a relay recovers from that by
 // sweeping its table, which is what the test shows).
+// TestSIGKILLAsSynchronousStandby changes synchronous_standby_names, so it
+// runs on a primary and standby of its own (scripts/cluster.sh), never on
+// the shared server.
 package faulttest
