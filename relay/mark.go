@@ -74,8 +74,12 @@ func (s *session) mark(ctx context.Context) error {
 			s.unmarked = batch // carried over once the session has stopped
 			return err
 		}
-		if err := s.completeRecorded(ctx, false); err != nil {
-			return err
+		// Completing recorded events is off the commits' path: do it when
+		// no confirmed event waits, or at least every completeAtLeast.
+		if len(s.confirmed) == 0 || time.Since(s.lastComplete) >= completeAtLeast {
+			if err := s.completeRecorded(ctx, false); err != nil {
+				return err
+			}
 		}
 	}
 }
@@ -279,6 +283,10 @@ func (s *session) markOrRecord(ctx context.Context, ids []string, batch []*item)
 // completeEvery is how often recorded events are completed while events
 // flow, and the first wait when they do not.
 const completeEvery = 20 * time.Millisecond
+
+// completeAtLeast bounds how long recorded events wait for their mark
+// while confirmed events keep the marker busy.
+const completeAtLeast = 200 * time.Millisecond
 
 // codeUndefinedTable is SQLSTATE 42P01.
 const codeUndefinedTable = "42P01"
