@@ -78,8 +78,14 @@ type Config struct {
 	// HeartbeatInterval, when positive, writes a transactional logical
 	// message (pg_logical_emit_message) this often, so the slot advances
 	// even on a server with no other traffic. Off by default: an idle relay
-	// then sends no queries at all.
+	// then sends no queries but its synchronous-standby check.
 	HeartbeatInterval time.Duration `env:"RELAY_HEARTBEAT_INTERVAL" envDefault:"0s"`
+	// SyncPublish says an operator lists the relay in
+	// synchronous_standby_names on purpose, so that an application's COMMIT
+	// returns only once the broker has confirmed its events. The relay then
+	// does not warn about being a synchronous standby, and it always answers
+	// the server at once when its acknowledged position moves.
+	SyncPublish bool `env:"RELAY_SYNC_PUBLISH" envDefault:"false"`
 	// MaxMessageBytes: bigger payloads are dead-lettered, never published.
 	MaxMessageBytes int `env:"RELAY_MAX_MESSAGE_BYTES" envDefault:"16777216"`
 
@@ -91,7 +97,8 @@ type Config struct {
 	RetentionInterval time.Duration `env:"RELAY_RETENTION_INTERVAL" envDefault:"1h"`
 	// StatusPollInterval, when positive, reads the slot's retained WAL and
 	// the unpublished rows this often for the metrics of the same names.
-	// Off by default: an idle relay then sends no queries at all.
+	// Off by default: an idle relay then sends no queries but its
+	// synchronous-standby check.
 	StatusPollInterval time.Duration `env:"RELAY_STATUS_POLL_INTERVAL" envDefault:"0s"`
 
 	// Sink selects the broker: rabbitmq (RELAY_AMQP_*, RELAY_EXCHANGE...)

@@ -2,9 +2,10 @@
 --
 -- Run it as the owner of the outbox table (or a superuser), in the
 -- application's database, AFTER `outbox-relay migrate` has run as that
--- owner. migrate creates the table, its index, outbox_relay_slot_state and
--- the publication; creating a publication FOR TABLE needs ownership of the
--- table, which the relay's role deliberately does not have. The relay then
+-- owner. migrate creates the table, its index, outbox_relay_slot_state,
+-- outbox_relay_confirmed and the publication; creating a publication FOR
+-- TABLE needs ownership of the table, which the relay's role deliberately
+-- does not have. The relay then
 -- runs as this role and only reads, marks and (with retention) deletes.
 --
 --   psql -v ON_ERROR_STOP=1 -d appdb \
@@ -16,8 +17,9 @@
 --   relay_password  its password                     (placeholder: change it!)
 --   outbox_schema   schema of the outbox table       (public)
 --   outbox_table    the outbox table                 (outbox_events)
---   state_schema    schema of outbox_relay_slot_state (public: where migrate
---                   created it, the first schema on its search_path)
+--   state_schema    schema of outbox_relay_slot_state and
+--                   outbox_relay_confirmed (public: where migrate created
+--                   them, the first schema on its search_path)
 --   retention       true to grant DELETE, needed by `outbox-relay prune` and
 --                   RELAY_RETENTION                  (false)
 --
@@ -44,6 +46,14 @@
 --   DELETE              only with retention (prune, RELAY_RETENTION).
 --   SELECT, INSERT, UPDATE on outbox_relay_slot_state: whether the table
 --                       sweep after creating the slot has finished.
+--   SELECT, INSERT, DELETE on outbox_relay_confirmed: confirmed events whose
+--                       rows were not visible yet to mark (a commit waiting
+--                       for a synchronous standby); deleted once marked.
+--   pg_monitor          optional: lets the relay read its walsender's
+--                       sync_state in pg_stat_replication, to tell when it
+--                       is a synchronous standby. Without it the relay
+--                       assumes it may be whenever synchronous_standby_names
+--                       is '*' or names it (GRANT pg_monitor TO outbox_relay).
 -- Nothing else: no CREATE anywhere, no ownership, no superuser. The relay
 -- checks the publication exists and includes the table (pg_publication is
 -- readable by everyone); it never creates or alters it.
@@ -86,6 +96,7 @@ GRANT SELECT ON TABLE :"outbox_schema".:"outbox_table" TO :"relay_role";
 GRANT UPDATE (published_at) ON TABLE :"outbox_schema".:"outbox_table" TO :"relay_role";
 
 GRANT SELECT, INSERT, UPDATE ON TABLE :"state_schema".outbox_relay_slot_state TO :"relay_role";
+GRANT SELECT, INSERT, DELETE ON TABLE :"state_schema".outbox_relay_confirmed TO :"relay_role";
 
 \if :retention
 GRANT DELETE ON TABLE :"outbox_schema".:"outbox_table" TO :"relay_role";

@@ -15,4 +15,7 @@
 // TestStopWhileRabbitMQBlocksPublishers raises RabbitMQ's memory alarm for
 // a few seconds, which blocks every publisher on the broker, not only the
 // relay; it restores the watermark it read before, at cleanup too.
+// TestSIGKILLAsSynchronousStandby changes synchronous_standby_names, so it
+// runs on a primary and standby of its own (scripts/cluster.sh), never on
+// the shared server.
 package faulttest

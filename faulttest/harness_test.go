@@ -65,7 +65,14 @@ type world struct {
 func newWorld(t *testing.T) *world {
 	t.Helper()
 	testenv.Integration(t)
-	w := &world{t: t, dbURL: testenv.Postgres(t), amqpURL: testenv.AMQP(t), seen: map[string]int{}}
+	return newWorldAt(t, testenv.Postgres(t))
+}
+
+// newWorldAt is newWorld on a database the test provides (a cluster of its
+// own).
+func newWorldAt(t *testing.T, dbURL string) *world {
+	t.Helper()
+	w := &world{t: t, dbURL: dbURL, amqpURL: testenv.AMQP(t), seen: map[string]int{}}
 	w.slot = testenv.Slot(t, w.dbURL)
 	w.exchange, w.dlx, w.queue = testenv.Name(t, "ex"), testenv.Name(t, "dlx"), testenv.Name(t, "q")
 	ctx := context.Background()

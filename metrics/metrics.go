@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net"
 	"net/http"
+	"strconv"
 	"sync"
 	"time"
 
@@ -38,11 +39,17 @@ type Metrics struct {
 	SlotSafeWAL      prometheus.Gauge
 	Unpublished      prometheus.Gauge
 	OldestUnpublishd prometheus.Gauge
+	// SyncStandby is 1 while the relay's walsender is a synchronous standby
+	// candidate, labelled with its pg_stat_replication sync_state and
+	// whether RELAY_SYNC_PUBLISH asks for it.
+	SyncStandby    *prometheus.GaugeVec
+	EventsRecorded prometheus.Counter
 
 	BrokerBlocked prometheus.Gauge // 1 while RabbitMQ blocks the relay's publishes
 
-	mu    sync.Mutex
-	ready string // "" when ready, otherwise why not
+	mu     sync.Mutex
+	ready  string // "" when ready, otherwise why not
+	notice string // shown by /readyz whether ready or not
 	// While RabbitMQ blocks publishers (connection.blocked), blockedWhy
 	// is its reason and blockedSince the start of the episode.
 	blocked      bool
@@ -101,7 +108,14 @@ func New() *Metrics {
 	blockedSeconds := prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "outbox_relay_broker_blocked_seconds_total",
 		Help: "Time RabbitMQ has blocked the relay's publishes (connection.blocked), the current episode included."},
 		m.blockedSeconds)
-	for _, c := range []prometheus.Collector{m.BrokerBlocked, blockedSeconds, m.EventsPublished, m.EventsSkipped, m.DeadLettered, m.ReplicationLag,
+	m.SyncStandby = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "outbox_relay_sync_standby",
+		Help: "1 while the relay's walsender is a synchronous standby candidate (sync_state sync, quorum or potential, " +
+			"or unknown while synchronous_standby_names names it), 0 otherwise; sync_state is the state, " +
+			"sync_publish whether RELAY_SYNC_PUBLISH asks for it."}, []string{"sync_state", "sync_publish"})
+	m.EventsRecorded = prometheus.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_events_recorded_total",
+		Help: "Confirmed events recorded in outbox_relay_confirmed because their rows were not yet visible to mark " +
+			"(their commit waited, e.g. for a synchronous standby)."})
+	for _, c := range []prometheus.Collector{m.BrokerBlocked, blockedSeconds, m.SyncStandby, m.EventsRecorded, m.EventsPublished, m.EventsSkipped, m.DeadLettered, m.ReplicationLag,
 		m.AckedLSN, m.ReceivedLSN, m.ServerWALEnd, m.ConfirmSeconds, m.DeliverySeconds, m.MarkSeconds, m.StreamDelay, m.Reconnects,
 		m.Retries, m.Standby, m.SweptEvents, m.SlotWALRetained, m.SlotSafeWAL, m.Unpublished, m.OldestUnpublishd} {
 		f(c)
@@ -118,6 +132,31 @@ func (m *Metrics) SetReady(ready bool, why string) {
 	} else {
 		m.ready = why
 	}
+}
+
+// SetSyncStandby records the relay's synchronous standby state.
+func (m *Metrics) SetSyncStandby(state string, candidate, syncPublish bool) {
+	m.SyncStandby.Reset()
+	v := 0.0
+	if candidate {
+		v = 1
+	}
+	m.SyncStandby.WithLabelValues(state, strconv.FormatBool(syncPublish)).Set(v)
+}
+
+// SetNotice sets a line /readyz shows besides readiness ("" clears it):
+// something an operator should know that does not make the relay unready.
+func (m *Metrics) SetNotice(notice string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.notice = notice
+}
+
+// Notice returns the line set by SetNotice.
+func (m *Metrics) Notice() string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.notice
 }
 
 // SetBrokerBlocked records RabbitMQ's connection.blocked (blocked, with
@@ -180,12 +219,18 @@ func (m *Metrics) Handler() http.Handler {
 		_, _ = w.Write([]byte("ok\n"))
 	})
 	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if why := m.Ready(); why != "" {
-			w.WriteHeader(http.StatusServiceUnavailable)
-			_, _ = w.Write([]byte(why + "\n"))
-			return
+		body := "streaming\n"
+		why := m.Ready()
+		if why != "" {
+			body = why + "\n"
 		}
-		_, _ = w.Write([]byte("streaming\n"))
+		if n := m.Notice(); n != "" {
+			body += n + "\n"
+		}
+		if why != "" {
+			w.WriteHeader(http.StatusServiceUnavailable)
+		}
+		_, _ = w.Write([]byte(body))
 	})
 	return mux
 }

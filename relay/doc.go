@@ -48,4 +48,72 @@
 // The table is the backstop (7): when the relay creates its slot (first
 // start, or after the slot was lost) it publishes the unpublished rows
 // visible in the slot's exported snapshot before streaming.
+//
+// # The relay as a synchronous standby (invariant 1's exception, 12)
+//
+// synchronous_standby_names = '*' matches logical walsenders too, so the
+// relay can be chosen as the synchronous standby (syncstate.go). A commit
+// that waits for its synchronous standby is already in the WAL (the
+// walsender sends only flushed WAL, so every streamed transaction is
+// committed) but still in the proc array: invisible to other sessions, and
+// pg_xact_status says 'in progress' (measured on PostgreSQL 15). Its rows
+// become visible only once the relay acknowledges their LSN, and the relay
+// acknowledges only marked rows: without the exception, every commit hangs.
+//
+// So while commits may wait for the relay (its walsender's sync_state is
+// sync, quorum or potential, or unknown with a setting that matches it, or
+// RELAY_SYNC_PUBLISH), when rows of a streamed transaction are invisible to
+// the mark, the marker records (slot, id, xid) in outbox_relay_confirmed in
+// one local commit (synchronous_commit = local: it never waits on the
+// relay), and only then finishes those events in the tracker. The record
+// stands in for published_at: the replay filter (publishedRows) counts a
+// recorded id as published, and so must the table sweep. Each marker round,
+// and at session start, one statement sets published_at on the recorded
+// rows now visible and deletes their records (and the records of rows
+// deleted meanwhile), so an id is always either recorded or marked. Rows
+// invisible for a second while the relay is not a candidate make the marker
+// check its sync_state at once, not at the next periodic check.
+//
+// A crash, step by step:
+//   - before the broker confirms: nothing recorded or acknowledged; the
+//     transaction is replayed and published again (the usual window);
+//   - confirmed, before the record commits: the same, a duplicate at most;
+//   - record committed, before the status update: the LSN is not
+//     acknowledged and the commit still waits; the transaction is
+//     replayed, the filter finds the records and skips the events (not
+//     published twice); the skipped events finish, the LSN is acknowledged,
+//     the commit is released, and the marker marks the rows from their
+//     records once visible;
+//   - acknowledged, before the mark: the slot does not replay it; the
+//     session start marks the rows from their records, and a table sweep
+//     (after the slot is lost) skips recorded ids;
+//   - during the completion: one statement, so either marked and record
+//     deleted, or neither.
+//
+// A crash of PostgreSQL keeps the record (a local commit is flushed before
+// it returns). A failover to a physical standby that had not received the
+// record publishes those rows again (duplicates, never loss); the waiting
+// commit itself may be lost with the old primary, and then its events,
+// already published, describe a transaction that did not survive. That is
+// the same as without a synchronous standby: logical decoding on
+// PostgreSQL 15 does not wait for physical standbys.
+//
+// No LSN is acknowledged before the broker confirms, so while the relay is
+// the synchronous standby every commit in the cluster also waits for the
+// broker (measured: a 4.7 s RabbitMQ memory alarm held every commit 4.7 s).
+// Unless an operator asked for it (RELAY_SYNC_PUBLISH), a relay that is the
+// synchronous standby (sync or quorum) and finishes no event for 3 s with
+// work in flight, while another walsender is a candidate too, steps aside
+// (checkStall): it closes its replication
+// connection, PostgreSQL picks the other standby, and the relay waits 30 s
+// before it connects again (it would take the lowest walsender slot, and
+// the role, again). Its unfinished events are replayed.
+//
+// While commits may wait for it (a candidate, or RELAY_SYNC_PUBLISH), the
+// reader answers as soon as the done position moves: on a keepalive that
+// moves it (the walsender of a synchronous standby does not ask for
+// replies but waits for them), when the marker finishes events
+// (notifyDone wakes the reader), and after an empty transaction. At most
+// one update per promptGap. Otherwise the status interval stands, and a
+// keepalive costs no more than before.
 package relay

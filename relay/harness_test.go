@@ -48,7 +48,13 @@ type env struct {
 func newEnv(t *testing.T) *env {
 	t.Helper()
 	testenv.Integration(t)
-	e := &env{t: t, dbURL: testenv.Postgres(t), amqpURL: testenv.AMQP(t), ids: map[string]int{}, keep: true}
+	return newEnvAt(t, testenv.Postgres(t))
+}
+
+// newEnvAt is newEnv on a database the test provides (a cluster of its own).
+func newEnvAt(t *testing.T, dbURL string) *env {
+	t.Helper()
+	e := &env{t: t, dbURL: dbURL, amqpURL: testenv.AMQP(t), ids: map[string]int{}, keep: true}
 	e.cfg = &config.Config{
 		DatabaseURL:        e.dbURL,
 		AMQPURL:            e.amqpURL,

@@ -2,21 +2,26 @@ package relay
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
+	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // mark sets published_at for confirmed events in batches and only then
 // finishes them in the tracker.
 func (s *session) mark(ctx context.Context) error {
 	defer close(s.drained)
+	if err := s.startRecorded(ctx); err != nil {
+		return err
+	}
 	max := s.r.cfg.MarkBatchSize
-	linger := s.r.cfg.MarkDelay
 	batch := make([]*item, 0, max)
 	for {
-		it, ok, err := recv(ctx, s.confirmed)
+		it, ok, err := s.nextConfirmed(ctx)
 		if err != nil || !ok {
 			return err
 		}
@@ -24,7 +29,12 @@ func (s *session) mark(ctx context.Context) error {
 		// Wait up to RELAY_MARK_DELAY for more: one UPDATE (and one commit
 		// flush) for many events. It delays the acknowledgement, never the
 		// delivery, and it takes the database's fsyncs away from the
-		// producers' commits.
+		// producers' commits. Not while commits may wait for the relay
+		// (a synchronous standby): there it would delay every commit.
+		linger := s.r.cfg.MarkDelay
+		if s.prompt.Load() {
+			linger = 0
+		}
 		var timeout <-chan time.Time
 		var timer *time.Timer
 		if linger > 0 {
@@ -66,7 +76,39 @@ func (s *session) mark(ctx context.Context) error {
 			s.unmarked = batch // carried over once the session has stopped
 			return err
 		}
+		// Completing recorded events is off the commits' path: do it when
+		// no confirmed event waits, or at least every completeAtLeast.
+		if len(s.confirmed) == 0 || time.Since(s.lastComplete) >= completeAtLeast {
+			if err := s.completeRecorded(ctx, false); err != nil {
+				return err
+			}
+		}
 	}
+}
+
+// nextConfirmed is recv on the confirmed channel; while recorded events
+// wait to be marked it also completes them now and then.
+func (s *session) nextConfirmed(ctx context.Context) (*item, bool, error) {
+	for s.records > 0 {
+		t := time.NewTimer(s.completeWait)
+		select {
+		case it, ok := <-s.confirmed:
+			t.Stop()
+			return it, ok, nil
+		case <-ctx.Done():
+			t.Stop()
+			return nil, false, ctx.Err()
+		case <-t.C:
+		}
+		if err := s.completeRecorded(ctx, true); err != nil {
+			return nil, false, err
+		}
+		// A commit that waits for someone else (a physical synchronous
+		// standby that is down) can keep rows invisible for long: poll
+		// less often the longer it lasts.
+		s.completeWait = min(2*s.completeWait, time.Second)
+	}
+	return recv(ctx, s.confirmed)
 }
 
 func (s *session) markBatch(ctx context.Context, batch []*item) error {
@@ -78,10 +120,18 @@ func (s *session) markBatch(ctx context.Context, batch []*item) error {
 	}
 	bo := newBackoff(time.Millisecond, 500*time.Millisecond)
 	started := time.Now()
-	warned := false
+	warned, checked := false, false
 	for attempt := 0; len(ids) > 0; attempt++ {
 		t0 := time.Now()
-		marked, err := s.r.markRows(ctx, ids)
+		var marked []string
+		var err error
+		if s.prompt.Load() {
+			// Commits may wait for the relay: their rows are invisible
+			// until it acknowledges. Mark and record in one round trip.
+			marked, err = s.markOrRecord(ctx, ids, batch)
+		} else {
+			marked, err = s.r.markRows(ctx, ids)
+		}
 		if err != nil {
 			return err
 		}
@@ -100,6 +150,13 @@ func (s *session) markBatch(ctx context.Context, batch []*item) error {
 		ids = remove(ids, already)
 		if len(ids) == 0 {
 			break
+		}
+		if !checked && time.Since(started) > time.Second && s.conn != nil {
+			// Rows invisible for this long: the relay may have become a
+			// synchronous standby since its last check. Check now rather
+			// than at the next periodic check (up to 15s away).
+			checked = true
+			s.checkSyncNow(ctx)
 		}
 		if attempt >= 3 {
 			gone, err := s.deletedRows(ctx, ids, batch)
@@ -133,6 +190,183 @@ func (s *session) markBatch(ctx context.Context, batch []*item) error {
 		}
 		s.tracker.Finish(it.tx, 1)
 	}
+	s.finished.Add(uint64(len(batch)))
+	if s.prompt.Load() {
+		s.notifyDone()
+	}
+	return nil
+}
+
+// widenXid is the SQL for the 64-bit xid8 of a 32-bit xid (the $n given)
+// within 2^31 of cur.xmax, the xmax of the current snapshot: xmax plus the
+// signed 32-bit distance from it. A transaction still in progress can have
+// an xid above xmax (xmax is one past the latest completed xid), one from
+// before the last wraparound is numerically far above it.
+func widenXid(param string) string {
+	return `(cur.xmax + ((((` + param + ` - (cur.xmax & 4294967295)) % 4294967296) + 6442450944) % 4294967296) - 2147483648)::text::xid8`
+}
+
+// markOrRecord marks the rows of ids that are visible, and records the
+// broker's confirmation of stream events whose rows are not visible yet,
+// in one statement and one local commit. It returns the ids done either
+// way.
+//
+// Every event the stream delivers is committed: the walsender decodes only
+// WAL flushed to disk, commit record included. Its rows can still be
+// invisible to other sessions: a commit waiting for a synchronous standby
+// stays in the proc array, and pg_xact_status reports it 'in progress'
+// (measured on PostgreSQL 15) although the transaction is committed in the
+// WAL. When the relay itself is that standby, the rows become visible only
+// after the relay acknowledges their LSN. The record stands in for the mark
+// until completeRecorded sets published_at (DESIGN.md, invariant 1's
+// exception): the replay filter and the table sweep treat a recorded id as
+// published, so the acknowledgement can go out before the mark. The marker
+// records only while commits may wait for the relay (session.prompt);
+// otherwise invisible rows are the short race of invariant 5, and it waits.
+func (s *session) markOrRecord(ctx context.Context, ids []string, batch []*item) ([]string, error) {
+	want := make(map[string]struct{}, len(ids))
+	for _, id := range ids {
+		want[id] = struct{}{}
+	}
+	rid := make([]string, 0, len(ids))
+	xids := make([]int64, 0, len(ids))
+	for _, it := range batch {
+		if _, ok := want[it.ev.ID]; ok && it.xid != 0 && !it.sweep {
+			rid = append(rid, it.ev.ID)
+			xids = append(xids, int64(it.xid))
+			delete(want, it.ev.ID)
+		}
+	}
+	// One snapshot: a row is marked if visible, and recorded only if its
+	// transaction is not; a row that becomes visible after the statement is
+	// marked by completeRecorded.
+	q := `WITH cur AS (SELECT pg_current_snapshot() AS snap,
+			pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax),
+		marked AS (UPDATE ` + s.r.tableIdent + ` SET published_at = now()
+			WHERE id = ANY($2::uuid[]) AND published_at IS NULL RETURNING id),
+		x AS (SELECT u.id, ` + widenXid("u.xid") + ` AS xid, cur.snap
+			FROM unnest($3::uuid[], $4::bigint[]) AS u(id, xid), cur),
+		rec AS (INSERT INTO outbox_relay_confirmed (slot_name, id, xid)
+			SELECT $1, x.id, x.xid FROM x WHERE NOT pg_visible_in_snapshot(x.xid, x.snap)
+			ON CONFLICT (slot_name, id) DO NOTHING RETURNING id)
+		SELECT id::text, false FROM marked UNION ALL SELECT id::text, true FROM rec`
+	qctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
+	defer cancel()
+	rows, err := s.r.opt.Pool.Query(qctx, q, s.r.cfg.Slot, ids, rid, xids)
+	if err != nil {
+		return nil, classifyPg(fmt.Errorf("mark rows published or record them (outbox_relay_confirmed): %w", err))
+	}
+	done := make([]string, 0, len(ids))
+	recorded := 0
+	for rows.Next() {
+		var id string
+		var rec bool
+		if err := rows.Scan(&id, &rec); err != nil {
+			rows.Close()
+			return nil, classifyPg(fmt.Errorf("mark rows published or record them: %w", err))
+		}
+		done = append(done, id)
+		if rec {
+			recorded++
+		}
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return nil, classifyPg(fmt.Errorf("mark rows published or record them: %w", err))
+	}
+	if recorded > 0 {
+		s.records += recorded
+		s.completeWait = completeEvery
+		s.r.m.EventsRecorded.Add(float64(recorded))
+	}
+	return done, nil
+}
+
+// completeEvery is how often recorded events are completed while events
+// flow, and the first wait when they do not.
+const completeEvery = 20 * time.Millisecond
+
+// completeAtLeast bounds how long recorded events wait for their mark
+// while confirmed events keep the marker busy.
+const completeAtLeast = 200 * time.Millisecond
+
+// startRecorded counts the events an earlier session recorded and not yet
+// marked, and completes those that can be.
+func (s *session) startRecorded(ctx context.Context) error {
+	qctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
+	defer cancel()
+	var n int
+	err := s.r.opt.Pool.QueryRow(qctx, `SELECT count(*) FROM outbox_relay_confirmed WHERE slot_name = $1`, s.r.cfg.Slot).Scan(&n)
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == pgerrcode.UndefinedTable {
+		return fmt.Errorf("%w: table outbox_relay_confirmed does not exist: run `outbox-relay migrate` (migration 005): %w",
+			ErrMisconfigured, err)
+	}
+	if err != nil {
+		return classifyPg(fmt.Errorf("read outbox_relay_confirmed: %w", err))
+	}
+	s.records = n
+	s.completeWait = completeEvery
+	if n == 0 {
+		return nil
+	}
+	s.log.Info().Int("events", n).Msg("marking events an earlier session recorded as confirmed before their rows were visible")
+	return s.completeRecorded(ctx, true)
+}
+
+// completeRecorded marks the recorded events whose rows are visible now and
+// deletes their records, in one statement: at every moment an id is either
+// recorded or marked. Records of rows known gone (their transaction is
+// visible, their row is not there: deleted) are deleted too. Unless force,
+// it runs at most every completeEvery.
+func (s *session) completeRecorded(ctx context.Context, force bool) error {
+	if s.records == 0 || (!force && time.Since(s.lastComplete) < completeEvery) {
+		return nil
+	}
+	s.lastComplete = time.Now()
+	t := s.r.tableIdent
+	q := `WITH marked AS (
+			UPDATE ` + t + ` o SET published_at = now()
+			FROM outbox_relay_confirmed c
+			WHERE c.slot_name = $1 AND o.id = c.id AND o.published_at IS NULL
+			RETURNING o.id)
+		DELETE FROM outbox_relay_confirmed c
+		WHERE c.slot_name = $1 AND (
+			c.id IN (SELECT id FROM marked)
+			OR EXISTS (SELECT 1 FROM ` + t + ` o WHERE o.id = c.id AND o.published_at IS NOT NULL)
+			OR (pg_visible_in_snapshot(c.xid, pg_current_snapshot())
+				AND NOT EXISTS (SELECT 1 FROM ` + t + ` o WHERE o.id = c.id)))
+		RETURNING c.id::text, NOT EXISTS (SELECT 1 FROM ` + t + ` o WHERE o.id = c.id)`
+	qctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
+	defer cancel()
+	t0 := time.Now()
+	rows, err := s.r.opt.Pool.Query(qctx, q, s.r.cfg.Slot)
+	if err != nil {
+		return classifyPg(fmt.Errorf("mark recorded events: %w", err))
+	}
+	var gone []string
+	n := 0
+	for rows.Next() {
+		var id string
+		var isGone bool
+		if err := rows.Scan(&id, &isGone); err != nil {
+			rows.Close()
+			return classifyPg(fmt.Errorf("mark recorded events: %w", err))
+		}
+		n++
+		if isGone {
+			gone = append(gone, id)
+		}
+	}
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		return classifyPg(fmt.Errorf("mark recorded events: %w", err))
+	}
+	s.r.m.MarkSeconds.Observe(time.Since(t0).Seconds())
+	if len(gone) > 0 {
+		s.log.Warn().Strs("ids", gone).Msg("published events whose rows were deleted before they could be marked")
+	}
+	s.records = max(0, s.records-n)
 	return nil
 }
 
@@ -161,16 +395,19 @@ func (r *Relay) markRows(ctx context.Context, ids []string) ([]string, error) {
 	return r.ids(ctx, "mark rows published", q, ids)
 }
 
-// publishedRows returns the ids among ids whose rows are already marked.
+// publishedRows returns the ids among ids whose rows are already marked,
+// or whose confirmation is recorded (record): those count as published.
 func (r *Relay) publishedRows(ctx context.Context, ids []string) ([]string, error) {
-	q := `SELECT id::text FROM ` + r.tableIdent + ` WHERE id = ANY($1::uuid[]) AND published_at IS NOT NULL`
-	return r.ids(ctx, "read published rows", q, ids)
+	q := `SELECT id::text FROM ` + r.tableIdent + ` WHERE id = ANY($1::uuid[]) AND published_at IS NOT NULL
+		UNION ALL
+		SELECT id::text FROM outbox_relay_confirmed WHERE slot_name = $2 AND id = ANY($1::uuid[])`
+	return r.ids(ctx, "read published rows", q, ids, r.cfg.Slot)
 }
 
-func (r *Relay) ids(ctx context.Context, what, q string, ids []string) ([]string, error) {
+func (r *Relay) ids(ctx context.Context, what, q string, args ...any) ([]string, error) {
 	ctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
 	defer cancel()
-	rows, err := r.opt.Pool.Query(ctx, q, ids)
+	rows, err := r.opt.Pool.Query(ctx, q, args...)
 	if err != nil {
 		return nil, classifyPg(fmt.Errorf("%s: %w", what, err))
 	}
@@ -200,9 +437,7 @@ func (s *session) deletedRows(ctx context.Context, ids []string, batch []*item) 
 			err := s.r.opt.Pool.QueryRow(ctx, `
 				WITH cur AS (SELECT pg_current_snapshot() AS snap,
 					pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax)
-				SELECT pg_visible_in_snapshot(
-					((((xmax >> 32) - CASE WHEN $1::bigint > (xmax & 4294967295) THEN 1 ELSE 0 END) << 32) | $1::bigint)::text::xid8,
-					snap)
+				SELECT pg_visible_in_snapshot(`+widenXid("$1::bigint")+`, cur.snap)
 				FROM cur`, int64(it.xid)).Scan(&visible)
 			if err != nil {
 				return nil, classifyPg(fmt.Errorf("check transaction visibility: %w", err))

@@ -30,6 +30,12 @@ type Options struct {
 	NewPublisher func(ctx context.Context) (sink.Publisher, error)
 	// StandbyRetry is how often a standby relay tries to take the slot.
 	StandbyRetry time.Duration
+	// SyncCheckInterval is how often the relay reads whether its walsender
+	// is a synchronous standby (syncstate.go); 15s when zero.
+	SyncCheckInterval time.Duration
+	// SyncStallLimit and SyncHoldOff are the step-aside guard's bounds
+	// (syncstate.go, checkStall): 3s and 30s when zero.
+	SyncStallLimit, SyncHoldOff time.Duration
 }
 
 // Relay streams the outbox until its context ends.
@@ -50,6 +56,8 @@ type Relay struct {
 	confirmed map[string]struct{}
 	// heartbeatLSN is the position of the last heartbeat written.
 	heartbeatLSN atomic.Uint64
+	// syncLogged is the sync state last logged, so that it is said once.
+	syncLogged string
 }
 
 // New validates the wiring and returns a Relay.
@@ -62,6 +70,15 @@ func New(opt Options) (*Relay, error) {
 	}
 	if opt.StandbyRetry == 0 {
 		opt.StandbyRetry = 2 * time.Second
+	}
+	if opt.SyncCheckInterval == 0 {
+		opt.SyncCheckInterval = defaultSyncCheckInterval
+	}
+	if opt.SyncStallLimit == 0 {
+		opt.SyncStallLimit = 3 * time.Second
+	}
+	if opt.SyncHoldOff == 0 {
+		opt.SyncHoldOff = 30 * time.Second
 	}
 	key, err := config.ParseRoutingKey(opt.Config.RoutingKey)
 	if err != nil {
@@ -115,6 +132,17 @@ func (r *Relay) Run(ctx context.Context) error {
 		if standby {
 			standby = false
 			r.m.Standby.Set(0)
+		}
+		if errors.Is(err, errStepAside) {
+			r.m.Retries.WithLabelValues("postgres", "sync_standby_step_aside").Inc()
+			r.m.SetReady(false, "stepped aside as synchronous standby: "+err.Error())
+			r.log.Error().Err(err).Dur("retry_in", r.opt.SyncHoldOff).
+				Msg("the relay is an unintended synchronous standby and could not keep up: disconnected so that commits do not wait for it. " +
+					"Name the physical standbys in synchronous_standby_names instead of '*'")
+			if !sleep(ctx, r.opt.SyncHoldOff) {
+				return nil
+			}
+			continue
 		}
 		if errors.Is(err, ErrMisconfigured) && !r.streamed {
 			return err

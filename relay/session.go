@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -57,7 +59,35 @@ type session struct {
 	// was cut short. Marker and confirmer each write their own field;
 	// session reads both after g.Wait.
 	unforwarded *item
+	// prompt: commits may wait for the relay (it is a synchronous standby
+	// candidate, or RELAY_SYNC_PUBLISH): the reader answers as soon as the
+	// done position moves, not on the status interval (promptStatus).
+	prompt   atomic.Bool
+	syncMu   sync.Mutex    // serializes applySync
+	started  chan struct{} // closed once streaming
+	progress chan struct{} // the marker finished events (capacity 1)
+	sentPos  pglogrepl.LSN // the reader's last status: position and time
+	sentAt   time.Time
+
+	// The step-aside guard (syncstate.go, checkStall): while the relay is
+	// an unintended synchronous standby and another candidate exists.
+	mayStepAside atomic.Bool
+	finished     atomic.Uint64 // events the marker finished
+	stallSeen    uint64        // finished, at the reader's last check
+	stuckSince   time.Time
+
+	// The marker's records (mark.go, markOrRecord): how many of this slot's
+	// confirmed events wait in outbox_relay_confirmed for their mark.
+	records      int
+	completeWait time.Duration
+	lastComplete time.Time
 }
+
+// promptGap is the least time between two prompt status updates: a busy
+// cluster sends hundreds of keepalives a second, and each one a
+// synchronous standby answers costs a write on both sides. A commit waits
+// at most this much longer for it.
+const promptGap = time.Millisecond
 
 func (r *Relay) session(ctx context.Context) error {
 	// Before the slot is even looked at: only its owner may drop, create,
@@ -153,9 +183,14 @@ func (r *Relay) session(ctx context.Context) error {
 		confirmed: make(chan *item, r.cfg.MarkBatchSize*2),
 		drained:   make(chan struct{}),
 		inflight:  newBudget(int64(r.cfg.MaxInflightBytes)),
+		started:   make(chan struct{}),
+		progress:  make(chan struct{}, 1),
 		filtering: true,
 		retry:     newBackoff(r.cfg.BackoffMin, r.cfg.BackoffMax),
 	}
+	// Until this session's first check, assume what the last one found: a
+	// reconnecting synchronous standby is one again at once.
+	s.prompt.Store(r.cfg.SyncPublish || syncCandidate(r.syncLogged))
 	r.m.AckedLSN.Set(float64(start))
 
 	// The pipeline runs on its own context: SIGTERM (ctx) only stops the
@@ -176,6 +211,7 @@ func (r *Relay) session(ctx context.Context) error {
 	g.Go(func() error { return s.confirm(gctx) })
 	g.Go(func() error { return s.mark(gctx) })
 	g.Go(func() error { return s.read(ctx, gctx, sweep) })
+	g.Go(func() error { return s.watchSync(ctx, gctx) })
 	if r.cfg.HeartbeatInterval > 0 {
 		g.Go(func() error { return s.heartbeat(ctx, gctx) })
 	}
@@ -230,6 +266,14 @@ func (s *session) read(soft, ctx context.Context, sweep pgx.Tx) (err error) {
 	case errors.Is(err, errStopping):
 		s.r.m.SetReady(false, "shutting down")
 		return s.awaitDrain(ctx)
+	case errors.Is(err, errStepAside):
+		// Leave at once, without waiting for the pipeline (it may be stuck
+		// on the broker): while the walsender lives, commits wait for it.
+		_ = s.sendStatus(false)
+		s.streaming = false // nothing more to tell the server
+		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_ = s.conn.Close(cctx)
+		cancel()
 	case err != nil && ctx.Err() == nil:
 		// The stream failed but the broker may be fine: give the events in
 		// flight a moment to be confirmed, so they are marked (or carried
@@ -269,6 +313,7 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 	// status interval (up to RELAY_STATUS_INTERVAL).
 	defer context.AfterFunc(soft, s.conn.Interrupt)()
 	s.streaming = true
+	close(s.started)
 	s.r.streamed = true
 	s.r.m.Standby.Set(0)
 	s.r.m.SetReady(true, "")
@@ -290,6 +335,13 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 		}
 		msg, err := s.conn.Receive(nextStatus)
 		now := time.Now()
+		if errors.Is(err, replication.ErrWoken) {
+			// The marker finished events while commits may wait for us.
+			if err := s.promptStatus(now, &nextStatus); err != nil {
+				return err
+			}
+			continue
+		}
 		if errors.Is(err, replication.ErrTimeout) {
 			// Silence: ask the server to answer, and give up on a server
 			// (or network) that stopped answering without closing.
@@ -302,6 +354,9 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 				return err
 			}
 			nextStatus = now.Add(interval)
+			if err := s.checkStall(now); err != nil {
+				return err
+			}
 			continue
 		}
 		if err != nil {
@@ -316,12 +371,23 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 		}
 		if msg.Keepalive {
 			s.tracker.Received(msg.ServerWALEnd)
-			s.tracker.AdvanceIdle(msg.ServerWALEnd)
-			if msg.ReplyRequested || !now.Before(nextStatus) {
+			moved := s.tracker.AdvanceIdle(msg.ServerWALEnd)
+			switch {
+			case msg.ReplyRequested || !now.Before(nextStatus):
 				if err := s.sendStatus(false); err != nil {
 					return err
 				}
 				nextStatus = now.Add(interval)
+				if err := s.checkStall(now); err != nil {
+					return err
+				}
+			case moved && s.prompt.Load():
+				// A synchronous standby's walsender sends keepalives
+				// without asking for a reply and waits for the flush
+				// report: commits anywhere in the cluster wait for it.
+				if err := s.promptStatus(now, &nextStatus); err != nil {
+					return err
+				}
 			}
 			continue
 		}
@@ -353,12 +419,21 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 		case decoder.KindCommit:
 			s.tracker.Close(tx, m.Commit.EndLSN)
 			tx = nil
+			if s.prompt.Load() {
+				// A transaction without events is done at once.
+				if err := s.promptStatus(now, &nextStatus); err != nil {
+					return err
+				}
+			}
 		}
 		if !now.Before(nextStatus) {
 			if err := s.sendStatus(false); err != nil {
 				return err
 			}
 			nextStatus = now.Add(interval)
+			if err := s.checkStall(now); err != nil {
+				return err
+			}
 		}
 	}
 }
@@ -386,6 +461,7 @@ func (s *session) send(ctx context.Context, it *item, nextStatus *time.Time) err
 			out = s.items
 		}
 		var tick <-chan time.Time
+		var progress <-chan struct{}
 		var t *time.Timer
 		if nextStatus != nil {
 			wait := time.Until(*nextStatus)
@@ -394,10 +470,14 @@ func (s *session) send(ctx context.Context, it *item, nextStatus *time.Time) err
 					return err
 				}
 				*nextStatus = time.Now().Add(s.r.cfg.StatusInterval)
+				if err := s.checkStall(time.Now()); err != nil {
+					return err
+				}
 				continue
 			}
 			t = time.NewTimer(wait)
 			tick = t.C
+			progress = s.progress
 		}
 		select {
 		case out <- it:
@@ -406,6 +486,11 @@ func (s *session) send(ctx context.Context, it *item, nextStatus *time.Time) err
 		case <-room:
 			acquired, room = s.inflight.acquire(it.bytes)
 		case <-tick:
+		case <-progress:
+			stopTimer(t)
+			if err := s.promptStatus(time.Now(), nextStatus); err != nil {
+				return err
+			}
 		case <-ctx.Done():
 			stopTimer(t)
 			return ctx.Err()
@@ -418,6 +503,40 @@ func stopTimer(t *time.Timer) {
 	if t != nil {
 		t.Stop()
 	}
+}
+
+// notifyDone tells the reader that the done position may have moved, so
+// that it acknowledges at once: the marker calls it while commits may wait
+// for the relay. The reader is in Receive (Wake) or waiting for room in
+// the pipeline (progress).
+func (s *session) notifyDone() {
+	if s.conn == nil { // a test of the marker alone
+		return
+	}
+	select {
+	case s.progress <- struct{}{}:
+	default:
+	}
+	s.conn.Wake()
+}
+
+// promptStatus sends a status update now if the done position moved since
+// the last one, or schedules it promptGap after the last one.
+func (s *session) promptStatus(now time.Time, nextStatus *time.Time) error {
+	if !s.prompt.Load() || s.tracker.Done() <= s.sentPos {
+		return nil
+	}
+	if at := s.sentAt.Add(promptGap); now.Before(at) {
+		if at.Before(*nextStatus) {
+			*nextStatus = at
+		}
+		return nil
+	}
+	if err := s.sendStatus(false); err != nil {
+		return err
+	}
+	*nextStatus = now.Add(s.r.cfg.StatusInterval)
+	return nil
 }
 
 // awaitDrain waits until everything read has been published and marked.
@@ -437,6 +556,7 @@ func (s *session) sendStatus(reply bool) error {
 	if err := s.conn.SendStatus(pos, reply); err != nil {
 		return classifyPg(err)
 	}
+	s.sentPos, s.sentAt = pos, time.Now()
 	acked := s.tracker.Acknowledge(pos)
 	m := s.r.m
 	m.AckedLSN.Set(float64(acked))

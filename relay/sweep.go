@@ -48,13 +48,18 @@ func (r *Relay) beginSweep(ctx context.Context, snapshot string) (pgx.Tx, error)
 // order the stream delivers them in within a transaction and across
 // transactions that write one aggregate under a lock. Rows written before
 // migration 004 have no relay_seq and come first, in occurred_at, id order.
+// Rows whose broker confirmation is recorded in outbox_relay_confirmed (the
+// relay was a synchronous standby and acknowledged them before they were
+// visible) are not published again: the marker completes their marks.
 // Every value is read as text and turned into an event by the decoder's
 // rules, so a row the stream would dead-letter (occurred_at = infinity, a
 // NULL) is dead-lettered here too instead of failing the scan.
 func (r *Relay) sweepQuery() string {
 	return `DECLARE outbox_relay_sweep NO SCROLL CURSOR FOR
 		SELECT id::text, aggregate_type::text, aggregate_id::text, event_type::text, payload::text, occurred_at::text
-		FROM ` + r.tableIdent + ` WHERE published_at IS NULL
+		FROM ` + r.tableIdent + ` AS t WHERE published_at IS NULL
+			AND NOT EXISTS (SELECT 1 FROM outbox_relay_confirmed c
+				WHERE c.slot_name = ` + migrations.QuoteLiteral(r.cfg.Slot) + ` AND c.id = t.id)
 		ORDER BY relay_seq NULLS FIRST, occurred_at, id`
 }
 

@@ -37,6 +37,28 @@ type Conn struct {
 	pg          *pgconn.PgConn
 	deadline    time.Time // the read deadline last set by Receive; zero: unknown
 	interrupted atomic.Bool
+	streaming   atomic.Bool // Start succeeded: Wake may move the read deadline
+	woken       atomic.Bool
+}
+
+// PID returns the server process id of the walsender serving this
+// connection, as pg_stat_replication.pid shows it.
+func (c *Conn) PID() uint32 { return c.pg.PID() }
+
+// ErrWoken is returned by Receive after Wake.
+var ErrWoken = errors.New("replication receive woken")
+
+// Wake makes a Receive in progress, or the next one, return ErrWoken once,
+// so that the goroutine owning the connection can act on news from another
+// goroutine (a finished transaction to acknowledge at once). It does
+// nothing before streaming starts, when a moved deadline would break a
+// command. Safe to call from another goroutine.
+func (c *Conn) Wake() {
+	if !c.streaming.Load() {
+		return
+	}
+	c.woken.Store(true)
+	_ = c.pg.Conn().SetReadDeadline(time.Now())
 }
 
 // Interrupt makes a Receive in progress, and every later one, return
@@ -127,6 +149,7 @@ func (c *Conn) Start(ctx context.Context, slot, publication string, start pglogr
 	if err != nil {
 		return fmt.Errorf("START_REPLICATION on slot %q: %w", slot, err)
 	}
+	c.streaming.Store(true)
 	return nil
 }
 
@@ -146,6 +169,10 @@ var ErrTimeout = errors.New("no replication message before the deadline")
 
 // Receive reads the next message, waiting at most until deadline.
 func (c *Conn) Receive(deadline time.Time) (Message, error) {
+	if c.woken.Swap(false) {
+		c.forgetDeadline() // Wake moved it
+		return Message{}, ErrWoken
+	}
 	// The deadline changes once per status interval, not per message:
 	// resetting the socket's timer for every message costs a few percent.
 	if !deadline.Equal(c.deadline) {
@@ -163,6 +190,12 @@ func (c *Conn) Receive(deadline time.Time) (Message, error) {
 		raw, err := c.pg.ReceiveMessage(context.Background())
 		if err != nil {
 			if pgconn.Timeout(err) {
+				// The deadline may have been moved by Wake: set it again
+				// next time.
+				c.forgetDeadline()
+				if c.woken.Swap(false) {
+					return Message{}, ErrWoken
+				}
 				return Message{}, ErrTimeout
 			}
 			return Message{}, fmt.Errorf("receive from replication stream: %w", err)
@@ -210,9 +243,6 @@ func (c *Conn) SendStatus(pos pglogrepl.LSN, replyRequested bool) error {
 	}
 	return nil
 }
-
-// PID is the backend process id of the connection's walsender.
-func (c *Conn) PID() uint32 { return c.pg.PID() }
 
 // Close closes the connection.
 func (c *Conn) Close(ctx context.Context) error {

@@ -30,9 +30,27 @@ type Slot struct {
 	SafeWALBytes *int64 `json:"safe_wal_size_bytes"`
 }
 
+// Sync is the relay's walsender as a synchronous standby: when
+// synchronous_standby_names matches it ('*', or its application_name),
+// commits can wait for the relay.
+type Sync struct {
+	// State is pg_stat_replication.sync_state of the walsender streaming
+	// the slot (async, potential, sync, quorum); null when the slot is not
+	// active or the role cannot read it (it needs pg_monitor).
+	State                   *string `json:"sync_state"`
+	SynchronousStandbyNames string  `json:"synchronous_standby_names"`
+	// SyncPublish is RELAY_SYNC_PUBLISH: the relay is listed on purpose.
+	SyncPublish bool `json:"sync_publish"`
+	// ConfirmedUnmarked counts events the broker confirmed whose rows were
+	// not visible yet to mark (outbox_relay_confirmed); null before
+	// migration 005.
+	ConfirmedUnmarked *int64 `json:"confirmed_unmarked_rows"`
+}
+
 // Report is the status of one relay's slot, publication and table.
 type Report struct {
 	Slot               Slot     `json:"slot"`
+	Sync               Sync     `json:"sync"`
 	Publication        string   `json:"publication"`
 	PublicationExists  bool     `json:"publication_exists"`
 	Table              string   `json:"table"`
@@ -47,9 +65,13 @@ type Report struct {
 }
 
 // Gather reads the report. stuckAfter > 0 flags an oldest unpublished row
-// older than that as a problem.
-func Gather(ctx context.Context, pool *pgxpool.Pool, slot, publication, schema, table string, stuckAfter time.Duration) (*Report, error) {
-	rep := &Report{Slot: Slot{Name: slot}, Publication: publication, Table: schema + "." + table, Problems: []string{}}
+// older than that as a problem. syncPublish is RELAY_SYNC_PUBLISH: without
+// it, a relay that is a synchronous standby candidate is a problem; with
+// it, one that is not.
+func Gather(ctx context.Context, pool *pgxpool.Pool, slot, publication, schema, table string, stuckAfter time.Duration,
+	syncPublish bool) (*Report, error) {
+	rep := &Report{Slot: Slot{Name: slot}, Publication: publication, Table: schema + "." + table, Problems: []string{},
+		Sync: Sync{SyncPublish: syncPublish}}
 	err := pool.QueryRow(ctx, `SELECT active, active_pid, confirmed_flush_lsn::text, restart_lsn::text,
 			pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, wal_status, safe_wal_size
 		FROM pg_replication_slots WHERE slot_name = $1`, slot).
@@ -102,7 +124,52 @@ func Gather(ctx context.Context, pool *pgxpool.Pool, slot, publication, schema, 
 		rep.Problems = append(rep.Problems, fmt.Sprintf("the oldest unpublished row is %.0fs old (threshold %s)",
 			*rep.OldestUnpublishedS, stuckAfter))
 	}
+	if err := rep.gatherSync(ctx, pool); err != nil {
+		return nil, err
+	}
 	return rep, nil
+}
+
+// gatherSync reads the slot's walsender's sync_state and the records of
+// confirmed, not yet marked events.
+func (rep *Report) gatherSync(ctx context.Context, pool *pgxpool.Pool) error {
+	sy := &rep.Sync
+	var hasTable bool
+	err := pool.QueryRow(ctx, `SELECT
+			(SELECT r.sync_state FROM pg_stat_replication r
+				JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1),
+			current_setting('synchronous_standby_names'),
+			to_regclass('outbox_relay_confirmed') IS NOT NULL`, rep.Slot.Name).
+		Scan(&sy.State, &sy.SynchronousStandbyNames, &hasTable)
+	if err != nil {
+		return fmt.Errorf("read pg_stat_replication: %w", err)
+	}
+	if hasTable {
+		var n int64
+		if err := pool.QueryRow(ctx, `SELECT count(*) FROM outbox_relay_confirmed WHERE slot_name = $1`,
+			rep.Slot.Name).Scan(&n); err != nil {
+			return fmt.Errorf("count outbox_relay_confirmed: %w", err)
+		}
+		sy.ConfirmedUnmarked = &n
+	}
+	candidate := false
+	if sy.State != nil {
+		switch *sy.State {
+		case "sync", "quorum", "potential":
+			candidate = true
+		}
+	}
+	switch {
+	case candidate && !sy.SyncPublish:
+		rep.Problems = append(rep.Problems, fmt.Sprintf("the relay's walsender is a synchronous standby candidate "+
+			"(sync_state %s, synchronous_standby_names = %q): commits can wait for the relay; name the physical standbys "+
+			"instead of '*', e.g. 'FIRST 1 (standby_name)', or set RELAY_SYNC_PUBLISH=true if this is meant",
+			*sy.State, sy.SynchronousStandbyNames))
+	case sy.SyncPublish && sy.State != nil && !candidate:
+		rep.Problems = append(rep.Problems, fmt.Sprintf("RELAY_SYNC_PUBLISH is set but the relay's walsender is %s "+
+			"(synchronous_standby_names = %q): commits do not wait for the broker", *sy.State, sy.SynchronousStandbyNames))
+	}
+	return nil
 }
 
 // WriteJSON writes the report for machines.
@@ -159,6 +226,17 @@ func (r *Report) WriteText(w io.Writer) error {
 	}
 	fmt.Fprintf(tw, "  oldest unpublished\t%s\n", oldest)
 	fmt.Fprintf(tw, "current wal lsn\t%s\n", r.CurrentWALLSN)
+	syncState := "-"
+	switch {
+	case r.Sync.State != nil && r.Sync.SyncPublish:
+		syncState = *r.Sync.State + " (RELAY_SYNC_PUBLISH)"
+	case r.Sync.State != nil:
+		syncState = *r.Sync.State
+	}
+	fmt.Fprintf(tw, "synchronous standby\t%s (synchronous_standby_names = %q)\n", syncState, r.Sync.SynchronousStandbyNames)
+	if r.Sync.ConfirmedUnmarked != nil {
+		fmt.Fprintf(tw, "  confirmed, not yet marked\t%d\n", *r.Sync.ConfirmedUnmarked)
+	}
 	for _, p := range r.Problems {
 		fmt.Fprintf(tw, "PROBLEM\t%s\n", p)
 	}

@@ -317,7 +317,7 @@ func cmdStatus(args []string, stdout, stderr io.Writer) int {
 	}
 	defer pool.Close()
 	schema, table, _ := config.SplitTable(cfg.Table)
-	rep, err := status.Gather(ctx, pool, cfg.Slot, cfg.Publication, schema, table, *stuck)
+	rep, err := status.Gather(ctx, pool, cfg.Slot, cfg.Publication, schema, table, *stuck, cfg.SyncPublish)
 	if err != nil {
 		fmt.Fprintf(stderr, "outbox-relay status: %s: %v\n", config.Redact(cfg.DatabaseURL), err)
 		return 1
