@@ -172,7 +172,7 @@ func (r *Relay) session(ctx context.Context) error {
 		if sweep, err = r.beginSweep(ctx, created.Snapshot); err != nil {
 			return err
 		}
-		defer sweep.Rollback(context.Background()) //nolint:errcheck // read-only; ended after the sweep
+		defer rollback(sweep) // read-only; ended after the sweep
 	}
 
 	s := &session{

@@ -37,40 +37,47 @@ func (r *Relay) beginSweep(ctx context.Context, snapshot string) (pgx.Tx, error)
 		`SET LOCAL DateStyle = 'ISO, YMD'`,
 	} {
 		if _, err := tx.Exec(ctx, q); err != nil {
-			_ = tx.Rollback(context.Background())
+			rollback(tx)
 			return nil, classifyPg(fmt.Errorf("table sweep: %s: %w", q, err))
 		}
 	}
 	return tx, nil
 }
 
-// sweepQuery reads the unpublished rows in insert order (relay_seq), the
+// sweepQueries read the unpublished rows in insert order (relay_seq), the
 // order the stream delivers them in within a transaction and across
 // transactions that write one aggregate under a lock. Rows written before
-// migration 004 have no relay_seq and come first, in occurred_at, id order.
+// migration 004 have no relay_seq and come first, in occurred_at, id order:
+// two cursors, one after the other, so that each is served by its own
+// partial index (a single ORDER BY relay_seq NULLS FIRST, occurred_at, id
+// would sort the whole pre-004 backlog before the first row, within one
+// statement's timeout).
 // Rows whose broker confirmation is recorded in outbox_relay_confirmed (the
 // relay was a synchronous standby and acknowledged them before they were
 // visible) are not published again: the marker completes their marks.
 // Every value is read as text and turned into an event by the decoder's
 // rules, so a row the stream would dead-letter (occurred_at = infinity, a
 // NULL) is dead-lettered here too instead of failing the scan.
-func (r *Relay) sweepQuery() string {
-	return `DECLARE outbox_relay_sweep NO SCROLL CURSOR FOR
+func (r *Relay) sweepQueries() []string {
+	q := func(where, order string) string {
+		return `DECLARE outbox_relay_sweep NO SCROLL CURSOR FOR
 		SELECT id::text, aggregate_type::text, aggregate_id::text, event_type::text, payload::text, occurred_at::text
-		FROM ` + r.tableIdent + ` AS t WHERE published_at IS NULL
+		FROM ` + r.tableIdent + ` AS t WHERE published_at IS NULL AND ` + where + `
 			AND NOT EXISTS (SELECT 1 FROM outbox_relay_confirmed c
 				WHERE c.slot_name = ` + migrations.QuoteLiteral(r.cfg.Slot) + ` AND c.id = t.id)
-		ORDER BY relay_seq NULLS FIRST, occurred_at, id`
+		ORDER BY ` + order
+	}
+	return []string{
+		q("relay_seq IS NULL", "occurred_at, id"),
+		q("relay_seq IS NOT NULL", "relay_seq"),
+	}
 }
 
 // sweep feeds the unpublished rows of the snapshot into the pipeline with a
 // cursor, so that a backlog of millions of rows takes bounded memory.
 func (s *session) sweep(soft, ctx context.Context, tx pgx.Tx) error {
-	defer tx.Rollback(context.Background()) //nolint:errcheck // read-only
+	defer rollback(tx)
 	r := s.r
-	if err := s.sweepExec(ctx, tx, r.sweepQuery()); err != nil {
-		return err
-	}
 	ctr := s.tracker.Begin()
 	closed := false
 	defer func() {
@@ -80,21 +87,30 @@ func (s *session) sweep(soft, ctx context.Context, tx pgx.Tx) error {
 	}()
 	total := 0
 	lastLog := time.Now()
-	fetch := maxSweepPage
-	for soft.Err() == nil {
-		n, bytes, err := s.sweepPage(ctx, tx, ctr, fetch)
-		if err != nil {
+	pages := sweepPager{}
+	for _, q := range r.sweepQueries() {
+		if err := s.sweepExec(ctx, tx, q); err != nil {
 			return err
 		}
-		fetch = nextSweepPage(fetch, n, bytes)
-		total += n
-		r.m.SweptEvents.Add(float64(n))
-		if n == 0 {
-			break
+		for soft.Err() == nil {
+			n, largest, err := s.sweepPage(ctx, tx, ctr, pages.next())
+			if err != nil {
+				return err
+			}
+			pages.saw(n, largest)
+			total += n
+			r.m.SweptEvents.Add(float64(n))
+			if n == 0 {
+				break
+			}
+			if time.Since(lastLog) > 5*time.Second {
+				lastLog = time.Now()
+				s.log.Info().Int("rows", total).Msg("table sweep in progress")
+				r.m.SetReady(false, fmt.Sprintf("sweeping table %s: %d rows published so far", r.cfg.Table, total))
+			}
 		}
-		if time.Since(lastLog) > 5*time.Second {
-			lastLog = time.Now()
-			s.log.Info().Int("rows", total).Msg("table sweep in progress")
+		if err := s.sweepExec(ctx, tx, `CLOSE outbox_relay_sweep`); err != nil {
+			return err
 		}
 	}
 	if soft.Err() != nil {
@@ -115,6 +131,14 @@ func (s *session) sweep(soft, ctx context.Context, tx pgx.Tx) error {
 	return nil
 }
 
+// rollback ends a read-only transaction, bounded: a database that stopped
+// answering must not hold a stop for as long as TCP retries.
+func rollback(tx pgx.Tx) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = tx.Rollback(ctx)
+}
+
 // sweepExec runs one statement of the sweep under RELAY_POSTGRES_TIMEOUT.
 func (s *session) sweepExec(ctx context.Context, tx pgx.Tx, q string) error {
 	qctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
@@ -125,25 +149,42 @@ func (s *session) sweepExec(ctx context.Context, tx pgx.Tx, q string) error {
 	return nil
 }
 
-// Pages of the sweep: up to maxSweepPage rows, fewer when rows are large,
-// so that one page holds about sweepPageBytes of payloads.
+// Pages of the sweep are read in full before their rows enter the
+// pipeline (and its byte budget), so their size is bounded in bytes too:
+// the first page is small, each next one at most twice the last, and no
+// page is planned above sweepPageBytes at the largest payload seen so far.
 const (
+	firstSweepPage = 4
 	maxSweepPage   = 1000
 	sweepPageBytes = 4 << 20
 )
 
-// nextSweepPage sizes the next FETCH from the last page's payload bytes.
-func nextSweepPage(fetched, n, bytes int) int {
-	if n == 0 || bytes == 0 {
-		return fetched
+type sweepPager struct {
+	size    int
+	largest int // bytes of the largest payload seen
+}
+
+func (p *sweepPager) next() int {
+	if p.size == 0 {
+		p.size = firstSweepPage
 	}
-	return max(1, min(maxSweepPage, sweepPageBytes*n/bytes))
+	return p.size
+}
+
+// saw records a page of n rows whose largest payload had largest bytes.
+func (p *sweepPager) saw(n, largest int) {
+	p.largest = max(p.largest, largest)
+	size := min(maxSweepPage, 2*p.next())
+	if p.largest > 0 {
+		size = min(size, max(1, sweepPageBytes/p.largest))
+	}
+	p.size = size
 }
 
 // sweepPage fetches up to fetch rows and hands them to the pipeline. The
 // rows are read in full before the first is handed on: the FETCH is bounded
 // by RELAY_POSTGRES_TIMEOUT, the wait for room in the pipeline is not.
-func (s *session) sweepPage(ctx context.Context, tx pgx.Tx, ctr *checkpoint.Tx, fetch int) (n, bytes int, err error) {
+func (s *session) sweepPage(ctx context.Context, tx pgx.Tx, ctr *checkpoint.Tx, fetch int) (n, largest int, err error) {
 	qctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
 	rows, err := tx.Query(qctx, `FETCH `+strconv.Itoa(fetch)+` FROM outbox_relay_sweep`)
 	if err != nil {
@@ -159,7 +200,7 @@ func (s *session) sweepPage(ctx context.Context, tx pgx.Tx, ctr *checkpoint.Tx, 
 			return 0, 0, classifyPg(fmt.Errorf("table sweep: %w", err))
 		}
 		ev := decoder.EventFromRow(row)
-		bytes += len(ev.Payload)
+		largest = max(largest, len(ev.Payload))
 		page = append(page, ev)
 	}
 	rows.Close()
@@ -175,5 +216,5 @@ func (s *session) sweepPage(ctx context.Context, tx pgx.Tx, ctr *checkpoint.Tx, 
 		}
 		page[i] = decoder.Event{} // the pipeline has it now
 	}
-	return len(page), bytes, nil
+	return len(page), largest, nil
 }
