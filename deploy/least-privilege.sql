@@ -23,11 +23,10 @@
 --   retention       true to grant DELETE, needed by `outbox-relay prune` and
 --                   RELAY_RETENTION                  (false)
 --
--- Producers (the application roles that insert events) are not this
--- script's business, but note: since migration 004 the table's relay_seq
--- column takes its default from a sequence, so an inserting role needs
---   GRANT USAGE ON SEQUENCE <outbox_table>_relay_seq_seq TO <app role>;
--- as for any serial column. The relay itself never inserts into the table.
+-- Producers (the application roles that insert events) need only INSERT:
+-- since migration 004 relay_seq's default is a SECURITY DEFINER function
+-- (<outbox_table>_relay_seq_next()), which PUBLIC may execute unless a DBA
+-- revoked that default; then GRANT EXECUTE on it to the producers.
 --
 -- What the relay does with each privilege:
 --   LOGIN REPLICATION   open the replication connection, create its slot,

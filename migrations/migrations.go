@@ -5,7 +5,7 @@
 // outbox_relay_migrations, so running migrate again changes nothing.
 //
 // The SQL is a template: {{table}}, {{unpublished_index}}, {{publication}},
-// {{relay_seq_index}} and {{relay_seq_sequence}} are quoted identifiers and
+// {{relay_seq_index}}, {{relay_seq_sequence}} and {{relay_seq_function}} are quoted identifiers and
 // {{publication_literal}} and {{relay_seq_sequence_literal}} quoted literals, so
 // RELAY_TABLE and RELAY_PUBLICATION never reach SQL unquoted.
 package migrations
@@ -18,6 +18,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -70,11 +71,23 @@ func (m Migration) Render(t Target) string {
 		}
 		return n
 	}
-	seq := pgx.Identifier{t.Schema, name("_relay_seq_seq")}.Sanitize()
+	// Names that keep their suffix whole, so that they stay distinct
+	// however long the table's name is (a sequence and an index cannot
+	// share one), cut at a character boundary.
+	suffixed := func(suffix string) string {
+		base := t.Table
+		for len(base)+len(suffix) > 63 {
+			_, size := utf8.DecodeLastRuneInString(base)
+			base = base[:len(base)-size]
+		}
+		return base + suffix
+	}
+	seq := pgx.Identifier{t.Schema, suffixed("_relay_seq_seq")}.Sanitize()
 	r := strings.NewReplacer(
 		"{{table}}", pgx.Identifier{t.Schema, t.Table}.Sanitize(),
 		"{{unpublished_index}}", pgx.Identifier{name("_unpublished_idx")}.Sanitize(),
-		"{{relay_seq_index}}", pgx.Identifier{name("_relay_seq_idx")}.Sanitize(),
+		"{{relay_seq_index}}", pgx.Identifier{suffixed("_relay_seq_idx")}.Sanitize(),
+		"{{relay_seq_function}}", pgx.Identifier{t.Schema, suffixed("_relay_seq_next")}.Sanitize(),
 		"{{relay_seq_sequence}}", seq,
 		"{{relay_seq_sequence_literal}}", QuoteLiteral(seq),
 		"{{publication}}", pgx.Identifier{t.Publication}.Sanitize(),

@@ -13,6 +13,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 
 	"github.com/outbox-relay/outbox-relay/internal/pgsession"
+	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	relaystatus "github.com/outbox-relay/outbox-relay/status"
 )
 
@@ -219,5 +220,35 @@ func TestTableWithoutRelaySeqSaysRunMigrate(t *testing.T) {
 		}
 	case <-time.After(20 * time.Second):
 		t.Fatal("the relay did not stop on a table without relay_seq")
+	}
+}
+
+// TestProducersNeedOnlyInsert: after migration 004 a role that may only
+// INSERT into the outbox still can (relay_seq's default needs no grant on
+// its sequence), and its rows are numbered.
+func TestProducersNeedOnlyInsert(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	role := pgx.Identifier{testenv.Name(t, "app")}.Sanitize()
+	_, err := e.pool.Exec(ctx, `CREATE ROLE `+role+`; GRANT INSERT ON outbox_events TO `+role)
+	must(t, err)
+	t.Cleanup(func() {
+		_, _ = e.pool.Exec(context.Background(), `DROP OWNED BY `+role+`; DROP ROLE `+role)
+	})
+	tx, err := e.pool.Begin(ctx)
+	must(t, err)
+	defer tx.Rollback(ctx) //nolint:errcheck // committed below
+	_, err = tx.Exec(ctx, `SET LOCAL ROLE `+role)
+	must(t, err)
+	_, err = tx.Exec(ctx, `INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
+		VALUES (gen_random_uuid(), 'order', gen_random_uuid(), 'created', '{}')`)
+	if err != nil {
+		t.Fatalf("an INSERT-only role cannot insert into the outbox: %v", err)
+	}
+	must(t, tx.Commit(ctx))
+	var numbered bool
+	must(t, e.pool.QueryRow(ctx, `SELECT bool_and(relay_seq IS NOT NULL) FROM outbox_events`).Scan(&numbered))
+	if !numbered {
+		t.Fatal("a row inserted after migration 004 has no relay_seq")
 	}
 }

@@ -273,6 +273,11 @@ func cmdMigrate(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "outbox-relay migrate: RELAY_DATABASE_URL is not a valid PostgreSQL connection string")
 		return 2
 	}
+	// The relay's own settings, not a DBA's defaults, but no statement
+	// bound: building an index on a large table may take long. The
+	// migrations bound their own lock waits (lock_timeout), so producers
+	// never queue for long behind an ALTER TABLE that waits.
+	pgsession.Pool(&cc.Config, pgsession.Bounds{})
 	conn, err := pgx.ConnectConfig(ctx, cc)
 	if err != nil {
 		fmt.Fprintf(stderr, "outbox-relay migrate: connect to %s: %v\n", config.Redact(cfg.DatabaseURL), err)
