@@ -46,8 +46,9 @@ func (b Bounds) Lock() time.Duration { return b.Statement / 2 }
 //     (duplicates, never loss);
 //   - default_transaction_read_only = off and read committed isolation,
 //     which the mark's visibility retry relies on;
-//   - idle_session_timeout = 0 where the server knows it (14+): an idle
-//     relay sends no queries for as long as the outbox is idle.
+//   - idle_session_timeout = 0 (14+) and transaction_timeout = 0 (17+)
+//     where the server knows them: an idle relay's sessions stay open,
+//     and the table sweep's transaction lasts as long as the sweep.
 //
 // A timed-out query is cancelled on the server as well (a cancel request),
 // not only abandoned by the client: otherwise an UPDATE could go on holding
@@ -95,13 +96,25 @@ func set(c *pgconn.Config, params map[string]string) {
 				return err
 			}
 		}
-		// idle_session_timeout (PostgreSQL 14+) cannot go in the startup
-		// packet: an older server refuses an unknown parameter there.
-		if ServerMajor(pg) < 14 {
-			return nil
-		}
-		if _, err := pg.Exec(ctx, `SET idle_session_timeout = 0`).ReadAll(); err != nil {
-			return fmt.Errorf("SET idle_session_timeout = 0: %w", err)
+		// Settings of newer servers cannot go in the startup packet: an
+		// older server refuses an unknown parameter there.
+		// idle_session_timeout (14+) would close an idle relay's sessions;
+		// transaction_timeout (17+) would end the table sweep's transaction,
+		// and the exported-snapshot transaction of the walsender it reads.
+		major := ServerMajor(pg)
+		for _, set := range []struct {
+			since int
+			sql   string
+		}{
+			{14, `SET idle_session_timeout = 0`},
+			{17, `SET transaction_timeout = 0`},
+		} {
+			if major < set.since {
+				continue
+			}
+			if _, err := pg.Exec(ctx, set.sql).ReadAll(); err != nil {
+				return fmt.Errorf("%s: %w", set.sql, err)
+			}
 		}
 		return nil
 	}
