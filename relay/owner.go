@@ -6,6 +6,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgconn/ctxwatch"
 )
 
 // ownerLockClass is the first key of the relays' advisory locks; the second
@@ -38,6 +40,11 @@ type owner struct {
 func (r *Relay) claim(ctx context.Context) (*owner, error) {
 	cfg := r.opt.Pool.Config().ConnConfig.Copy()
 	cfg.RuntimeParams["application_name"] = ownerApplicationName
+	// Ending the wait below is the release: close the socket at once rather
+	// than send a cancel request an idle backend ignores and wait a second.
+	cfg.BuildContextWatcherHandler = func(pg *pgconn.PgConn) ctxwatch.Handler {
+		return &pgconn.DeadlineContextWatcherHandler{Conn: pg.Conn()}
+	}
 	qctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
 	defer cancel()
 	conn, err := pgx.ConnectConfig(qctx, cfg)

@@ -47,10 +47,11 @@ func (r *Relay) preflight(ctx context.Context) (slotInfo, error) {
 		return si, fmt.Errorf("%w: publication %q does not include table %s (RELAY_TABLE)",
 			ErrMisconfigured, r.cfg.Publication, r.cfg.Table)
 	}
-	var hasSeq, hasConfirmed bool
+	var hasSeq, hasState, hasConfirmed bool
 	err = r.opt.Pool.QueryRow(ctx, `SELECT
 		EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $1::regclass AND attname = 'relay_seq' AND NOT attisdropped),
-		to_regclass('outbox_relay_confirmed') IS NOT NULL`, r.tableIdent).Scan(&hasSeq, &hasConfirmed)
+		to_regclass('outbox_relay_slot_state') IS NOT NULL,
+		to_regclass('outbox_relay_confirmed') IS NOT NULL`, r.tableIdent).Scan(&hasSeq, &hasState, &hasConfirmed)
 	if err != nil {
 		return si, classifyPg(fmt.Errorf("check table %s: %w", r.cfg.Table, err))
 	}
@@ -58,8 +59,13 @@ func (r *Relay) preflight(ctx context.Context) (slotInfo, error) {
 		return si, fmt.Errorf("%w: table %s has no relay_seq column, which orders the table sweep: "+
 			"run `outbox-relay migrate` (migration 004 adds it without rewriting the table)", ErrMisconfigured, r.cfg.Table)
 	}
+	if !hasState {
+		return si, fmt.Errorf("%w: table outbox_relay_slot_state does not exist (or is not on the search_path): "+
+			"run `outbox-relay migrate` (migration 003)", ErrMisconfigured)
+	}
 	if !hasConfirmed {
-		return si, fmt.Errorf("%w: table outbox_relay_confirmed does not exist: run `outbox-relay migrate` (migration 005)",
+		return si, fmt.Errorf("%w: table outbox_relay_confirmed does not exist (or is not on the search_path): "+
+			"run `outbox-relay migrate` (migration 005)",
 			ErrMisconfigured)
 	}
 

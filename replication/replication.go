@@ -181,10 +181,15 @@ func (c *Conn) Receive(deadline time.Time) (Message, error) {
 		}
 		c.deadline = deadline
 	}
-	// After setting the deadline: an Interrupt that came before it is seen
-	// here, and one that comes after it moves the deadline to now.
+	// After setting the deadline: an Interrupt or a Wake that came before
+	// it is seen here (the deadline just set overwrote the one they moved),
+	// and one that comes after it moves the deadline to now.
 	if c.interrupted.Load() {
 		return Message{}, ErrTimeout
+	}
+	if c.woken.Swap(false) {
+		c.forgetDeadline()
+		return Message{}, ErrWoken
 	}
 	for {
 		raw, err := c.pg.ReceiveMessage(context.Background())
