@@ -265,15 +265,12 @@ func (s *session) read(soft, ctx context.Context, sweep pgx.Tx) (err error) {
 	switch {
 	case errors.Is(err, errStopping):
 		s.r.m.SetReady(false, "shutting down")
-		return s.awaitDrain(ctx)
+		if err = s.awaitDrain(ctx); errors.Is(err, errStepAside) {
+			s.stepAside()
+		}
+		return err
 	case errors.Is(err, errStepAside):
-		// Leave at once, without waiting for the pipeline (it may be stuck
-		// on the broker): while the walsender lives, commits wait for it.
-		_ = s.sendStatus(false)
-		s.streaming = false // nothing more to tell the server
-		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		_ = s.conn.Close(cctx)
-		cancel()
+		s.stepAside()
 	case err != nil && ctx.Err() == nil:
 		// The stream failed but the broker may be fine: give the events in
 		// flight a moment to be confirmed, so they are marked (or carried
@@ -539,14 +536,51 @@ func (s *session) promptStatus(now time.Time, nextStatus *time.Time) error {
 	return nil
 }
 
+// stepAside leaves at once, without waiting for the pipeline (it may be
+// stuck on the broker): while the walsender lives, commits wait for it.
+func (s *session) stepAside() {
+	_ = s.sendStatus(false)
+	s.streaming = false // nothing more to tell the server
+	cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	_ = s.conn.Close(cctx)
+	cancel()
+}
+
 // awaitDrain waits until everything read has been published and marked.
+// Meanwhile it keeps telling the server what is done, on the interval and
+// at once while commits may wait for the relay, and steps aside as an
+// unintended synchronous standby that cannot finish: a drain behind a slow
+// broker must not hold every commit of the cluster for
+// RELAY_SHUTDOWN_TIMEOUT.
 func (s *session) awaitDrain(ctx context.Context) error {
-	select {
-	case <-s.drained:
-		s.log.Info().Str("acknowledged", s.tracker.Done().String()).Msg("drained in-flight events")
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
+	var tick <-chan time.Time
+	var progress <-chan struct{}
+	next := time.Now().Add(s.r.cfg.StatusInterval)
+	if s.streaming {
+		t := time.NewTicker(s.r.cfg.StatusInterval)
+		defer t.Stop()
+		tick, progress = t.C, s.progress
+	}
+	for {
+		select {
+		case <-s.drained:
+			s.log.Info().Str("acknowledged", s.tracker.Done().String()).Msg("drained in-flight events")
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-progress:
+			if err := s.promptStatus(time.Now(), &next); err != nil {
+				return err
+			}
+		case now := <-tick:
+			if err := s.sendStatus(false); err != nil {
+				return err
+			}
+			next = now.Add(s.r.cfg.StatusInterval)
+			if err := s.checkStall(now); err != nil {
+				return err
+			}
+		}
 	}
 }
 

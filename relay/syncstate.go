@@ -185,9 +185,17 @@ func (s *session) applySync(rd syncReading) {
 	candidate := syncCandidate(rd.state)
 	s.prompt.Store(candidate || r.cfg.SyncPublish)
 	// Step aside only where commits do wait for the relay (not while it is
-	// merely potential) and someone else can take the role.
+	// merely potential) and someone else can take the role. A role without
+	// pg_monitor sees no sync_state at all (unknown): there, a physical
+	// standby it can see by name is taken as one that can, rather than let
+	// a stalled broker hold every commit; at worst the relay leaves for a
+	// while when it need not have, delaying events, never losing them.
 	waitedOn := rd.state == syncSync || rd.state == syncQuorum
-	s.mayStepAside.Store(waitedOn && !r.cfg.SyncPublish && rd.otherCandidates > 0)
+	someoneElse := rd.otherCandidates > 0
+	if rd.state == syncUnknown && rd.others != "" {
+		waitedOn, someoneElse = true, true
+	}
+	s.mayStepAside.Store(waitedOn && !r.cfg.SyncPublish && someoneElse)
 	r.m.SetSyncStandby(rd.state, candidate, r.cfg.SyncPublish)
 	notice := ""
 	switch {
