@@ -88,6 +88,7 @@ func (s *session) sweep(soft, ctx context.Context, tx pgx.Tx) error {
 	total := 0
 	lastLog := time.Now()
 	pages := sweepPager{}
+	r.m.SetReady(false, "sweeping table "+r.cfg.Table+": publishing the unpublished rows the new slot will never deliver")
 	for _, q := range r.sweepQueries() {
 		if err := s.sweepExec(ctx, tx, q); err != nil {
 			return err
