@@ -308,3 +308,36 @@ func TestLosingTheOwnerLockEndsTheSession(t *testing.T) {
 	e.waitReceived(1, 20*time.Second)
 	r.stop(t)
 }
+
+// TestSweepTakesPre004RowsFirst: rows written before migration 004 (no
+// relay_seq) are swept first, by occurred_at then id, and the numbered rows
+// after them in insert order.
+func TestSweepTakesPre004RowsFirst(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	var txs [][]sweepRow
+	for i := 0; i < 6; i++ {
+		txs = append(txs, []sweepRow{{
+			id:         fmt.Sprintf("'00000000-0000-4000-8000-%012d'", 100-i),
+			agg:        "40000000-0000-4000-8000-000000000001",
+			occurredAt: fmt.Sprintf("'2020-01-01 00:00:%02d+00'", 5-i), // decreasing: only the legacy rows go by it
+		}})
+	}
+	e.insertRows(txs[:3])
+	// As if written before the migration.
+	_, err := e.pool.Exec(ctx, `UPDATE outbox_events SET relay_seq = NULL`)
+	must(t, err)
+	e.insertRows(txs[3:])
+	want := []string{ // the legacy three by occurred_at, then the numbered ones by insert order
+		"00000000-0000-4000-8000-000000000098", "00000000-0000-4000-8000-000000000099", "00000000-0000-4000-8000-000000000100",
+		"00000000-0000-4000-8000-000000000097", "00000000-0000-4000-8000-000000000096", "00000000-0000-4000-8000-000000000095",
+	}
+	r := e.start(nil)
+	r.waitStreaming(t)
+	e.waitReceived(len(want), 20*time.Second)
+	if got := e.receivedIDs(); strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Fatalf("swept %v, want %v", got, want)
+	}
+	waitFor(t, 10*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
+	r.stop(t)
+}
