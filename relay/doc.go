@@ -44,10 +44,20 @@
 // table sweep too) and keeps the stream alive while it waits; the
 // confirmer releases them with the broker's verdict and drops the payload,
 // so the marker and the carry hold ids only. An event larger than the
-// budget passes alone.
+// budget passes alone. The table sweep reads pages of rows before they
+// enter the budget, so its pages are bounded in bytes too (sweep.go).
 // The table is the backstop (7): when the relay creates its slot (first
 // start, or after the slot was lost) it publishes the unpublished rows
-// visible in the slot's exported snapshot before streaming.
+// visible in the slot's exported snapshot before streaming, in insert order
+// (relay_seq; rows from before migration 004 first, by occurred_at, id),
+// each turned into an event by the stream's own rules (decoder.EventFromRow)
+// so that what the stream would dead-letter is dead-lettered here too.
+// One owner per slot (10): a session takes the slot's advisory lock before
+// it looks at the slot and holds it until it ends (owner.go); a relay that
+// cannot take it stands by, and never drops, creates, sweeps or streams.
+// Never harms the database (12): every session runs under the relay's own
+// settings (internal/pgsession), slot creation names what it waits for
+// (slotwait.go), and an error caused by a setting names it (hint.go).
 //
 // # The relay as a synchronous standby (invariant 1's exception, 12)
 //
