@@ -58,7 +58,7 @@ func (r *Relay) sweepQuery() string {
 	return `DECLARE outbox_relay_sweep NO SCROLL CURSOR FOR
 		SELECT id::text, aggregate_type::text, aggregate_id::text, event_type::text, payload::text, occurred_at::text
 		FROM ` + r.tableIdent + ` AS t WHERE published_at IS NULL
-			AND NOT EXISTS (SELECT 1 FROM outbox_relay_confirmed c
+			AND NOT EXISTS (SELECT 1 FROM ` + r.stateTable(confirmedTable) + ` c
 				WHERE c.slot_name = ` + migrations.QuoteLiteral(r.cfg.Slot) + ` AND c.id = t.id)
 		ORDER BY relay_seq NULLS FIRST, occurred_at, id`
 }
