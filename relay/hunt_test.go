@@ -5,11 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+
+	"github.com/outbox-relay/outbox-relay/sink"
 )
 
 // appSearchPath sets search_path on the test's database for every session
@@ -127,5 +130,183 @@ func TestStateTablesOffTheSearchPathAreNamed(t *testing.T) {
 	_, err = r.pickStateSchema(slotStateTable, nil, nil, "nowhere")
 	if !errors.Is(err, ErrMisconfigured) || !strings.Contains(err.Error(), "migration 003") {
 		t.Fatalf("missing table: %v", err)
+	}
+}
+
+// faulty fails the Nth call of Publish, of Wait and of DeadLetter (counted
+// over every session, each once), as a broker connection that breaks at
+// that point does.
+type faulty struct {
+	publishAt, waitAt, deadAt int64
+	publishes, waits, deads   atomic.Int64
+}
+
+var errFaulty = errors.New("test: broker connection failed")
+
+func (f *faulty) wrap(p sink.Publisher) sink.Publisher { return faultyPublisher{p, f} }
+
+type faultyPublisher struct {
+	sink.Publisher
+	f *faulty
+}
+
+func (p faultyPublisher) Publish(ctx context.Context, m *sink.Message) (sink.Pending, error) {
+	if p.f.publishes.Add(1) == p.f.publishAt {
+		return nil, errFaulty
+	}
+	pe, err := p.Publisher.Publish(ctx, m)
+	if err != nil {
+		return nil, err
+	}
+	return faultyPending{pe, p.f}, nil
+}
+
+func (p faultyPublisher) DeadLetter(ctx context.Context, m *sink.Message, reason string) error {
+	if p.f.deads.Add(1) == p.f.deadAt {
+		return errFaulty
+	}
+	return p.Publisher.DeadLetter(ctx, m, reason)
+}
+
+type faultyPending struct {
+	sink.Pending
+	f *faulty
+}
+
+func (p faultyPending) Wait(ctx context.Context) (sink.Result, error) {
+	if p.f.waits.Add(1) == p.f.waitAt {
+		return sink.Result{}, errFaulty
+	}
+	return p.Pending.Wait(ctx)
+}
+
+// checkFirstDeliveries asserts, for events in insert order, that each was
+// delivered (or, if in dead, dead-lettered and not delivered), that the
+// first deliveries keep insert order per aggregate, and that every row is
+// marked. It returns the number of duplicates.
+func (e *env) checkFirstDeliveries(evs []event, dead map[string]bool) int {
+	e.t.Helper()
+	index := make(map[string]int, len(evs))
+	for i, ev := range evs {
+		index[ev.ID] = i
+	}
+	seen := map[string]bool{}
+	last := map[string]int{} // aggregate -> insert index of its last first delivery
+	dups := 0
+	for _, id := range e.receivedIDs() {
+		if seen[id] {
+			dups++
+			continue
+		}
+		seen[id] = true
+		i, ok := index[id]
+		if !ok {
+			e.t.Fatalf("delivered %s, which no test row has", id)
+		}
+		if dead[id] {
+			e.t.Fatalf("%s delivered although the broker can never accept it", id)
+		}
+		agg := evs[i].AggregateType + "/" + evs[i].AggregateID
+		if prev, ok := last[agg]; ok && prev > i {
+			e.t.Fatalf("aggregate %s: %s (row %d) first delivered after row %d", agg, id, i, prev)
+		}
+		last[agg] = i
+	}
+	dlq := map[string]bool{}
+	for _, d := range e.dlq() {
+		dlq[d.MessageId] = true
+	}
+	for _, ev := range evs {
+		switch {
+		case dead[ev.ID] && !dlq[ev.ID]:
+			e.t.Fatalf("poison row %s not dead-lettered", ev.ID)
+		case !dead[ev.ID] && !seen[ev.ID]:
+			e.t.Fatalf("row %s never delivered (lost)", ev.ID)
+		}
+	}
+	if n := e.unpublished(); n != 0 {
+		e.t.Fatalf("%d rows not marked", n)
+	}
+	return dups
+}
+
+// sweepPendingState reads outbox_relay_slot_state for the test's slot.
+func (e *env) sweepPendingState() bool {
+	e.t.Helper()
+	var pending bool
+	must(e.t, e.pool.QueryRow(context.Background(),
+		`SELECT sweep_pending FROM outbox_relay_slot_state WHERE slot_name = $1`, e.cfg.Slot).Scan(&pending))
+	return pending
+}
+
+// mixedBacklog is rows of three aggregates in transactions of 1 to 5, with
+// poison rows (a routing key over 255 bytes) and unroutable ones (no queue
+// bound for aggregate_type lost) among them; it returns them in insert
+// order and the ids that can only be dead-lettered.
+func mixedBacklog(n int) ([]event, map[string]bool) {
+	var evs []event
+	dead := map[string]bool{}
+	for i := 0; i < n; i++ {
+		ev := newEvent("order", "changed", fmt.Sprintf(`{"i":%d}`, i))
+		switch i % 37 {
+		case 5:
+			ev.EventType = strings.Repeat("p", 300)
+			dead[ev.ID] = true
+		case 20:
+			ev.AggregateType = "lost"
+			dead[ev.ID] = true
+		}
+		evs = append(evs, ev)
+	}
+	return evs, dead
+}
+
+func (e *env) insertInTxs(evs []event) {
+	e.t.Helper()
+	for i := 0; i < len(evs); {
+		k := min(len(evs), i+1+i%5)
+		e.insertRaw(evs[i:k])
+		i = k
+	}
+}
+
+// TestBrokerFailuresMidSweep (invariants 2, 3, 7, 8): the broker fails
+// during the table sweep, in Publish, in Wait and in DeadLetter, each at
+// a different point; each failure ends the session and the sweep is redone
+// on a new slot. Every row is delivered (or, poison and unroutable ones,
+// dead-lettered), first deliveries keep insert order per aggregate, every
+// row is marked, and the slot ends up streaming with its sweep finished.
+func TestBrokerFailuresMidSweep(t *testing.T) {
+	e := newEnv(t)
+	e.bindOnly("order.#")
+	e.cfg.PublishWindow = 20
+	e.cfg.MarkBatchSize = 10
+	evs, dead := mixedBacklog(400)
+	e.insertInTxs(evs)
+	f := &faulty{publishAt: 90, waitAt: 200, deadAt: 3}
+	r := e.start(f.wrap)
+	r.waitStreaming(t)
+	more, moreDead := mixedBacklog(40)
+	e.insertInTxs(more)
+	for id := range moreDead {
+		dead[id] = true
+	}
+	all := append(evs, more...)
+	waitFor(t, 60*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
+	time.Sleep(500 * time.Millisecond) // the last deliveries
+	r.stop(t)
+	if f.publishes.Load() < f.publishAt || f.waits.Load() < f.waitAt || f.deads.Load() < f.deadAt {
+		t.Fatalf("not every failure happened: %d publishes, %d waits, %d dead letters",
+			f.publishes.Load(), f.waits.Load(), f.deads.Load())
+	}
+	dups := e.checkFirstDeliveries(all, dead)
+	t.Logf("%d duplicates", dups)
+	if e.sweepPendingState() {
+		t.Fatal("the slot's sweep is still pending")
+	}
+	var active bool
+	must(t, e.pool.QueryRow(context.Background(), `SELECT active FROM pg_replication_slots WHERE slot_name = $1`, e.cfg.Slot).Scan(&active))
+	if active {
+		t.Fatal("slot still active after the relay stopped")
 	}
 }
