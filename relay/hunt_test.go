@@ -310,3 +310,123 @@ func TestBrokerFailuresMidSweep(t *testing.T) {
 		t.Fatal("slot still active after the relay stopped")
 	}
 }
+
+// stopWithin stops the relay as SIGTERM does and fails unless Run returns
+// within limit.
+func (r *running) stopWithin(t *testing.T, limit time.Duration) {
+	t.Helper()
+	t0 := time.Now()
+	r.cancel()
+	select {
+	case err := <-r.done:
+		r.done <- nil
+		if err != nil {
+			t.Fatalf("Run returned %v after stop", err)
+		}
+		t.Logf("Run returned %s after the stop", time.Since(t0).Round(time.Millisecond))
+	case <-time.After(limit):
+		t.Fatalf("Run did not return within %s of the stop", limit)
+	}
+}
+
+// TestStopMidSweepWithConfirmsHeld (invariants 11, 2, 3): SIGTERM while
+// the table sweep waits for confirms the broker holds back returns within
+// RELAY_SHUTDOWN_TIMEOUT plus a moment; the next relay redoes the sweep
+// and nothing is lost, in order.
+func TestStopMidSweepWithConfirmsHeld(t *testing.T) {
+	e := newEnv(t)
+	e.cfg.PublishWindow = 50
+	e.cfg.ShutdownTimeout = 2 * time.Second
+	evs, dead := mixedBacklog(300)
+	for id := range dead { // all routable here
+		delete(dead, id)
+	}
+	for i := range evs {
+		evs[i].AggregateType, evs[i].EventType = "order", "changed"
+	}
+	e.insertInTxs(evs)
+	var g *gated
+	r := e.start(func(p sink.Publisher) sink.Publisher { g = newGated(p); return g })
+	e.waitReceived(50, 20*time.Second) // the window is full, no confirm comes
+	r.stopWithin(t, e.cfg.ShutdownTimeout+3*time.Second)
+	if !e.sweepPendingState() {
+		t.Fatal("the interrupted sweep is not pending")
+	}
+	r2 := e.start(nil)
+	r2.waitStreaming(t)
+	waitFor(t, 30*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
+	time.Sleep(300 * time.Millisecond)
+	r2.stop(t)
+	t.Logf("%d duplicates", e.checkFirstDeliveries(evs, dead))
+}
+
+// TestStopWhileAMarkWaitsForARowLock (invariants 11, 12, 2): SIGTERM while
+// the mark waits for a row lock an application holds (SELECT … FOR UPDATE)
+// returns within RELAY_SHUTDOWN_TIMEOUT plus a moment and leaves no lock
+// waiter behind; once the application lets go, the next relay marks the
+// row.
+func TestStopWhileAMarkWaitsForARowLock(t *testing.T) {
+	e := newEnv(t)
+	e.cfg.ShutdownTimeout = 2 * time.Second
+	var g *gated
+	r := e.start(func(p sink.Publisher) sink.Publisher { g = newGated(p); return g })
+	r.waitStreaming(t)
+	evs := []event{newEvent("order", "created", `{}`), newEvent("order", "paid", `{}`)}
+	e.insertTx(evs, true, nil)
+	e.waitReceived(2, 10*time.Second)
+	ctx := context.Background()
+	app, err := e.pool.Begin(ctx)
+	must(t, err)
+	defer func() { _ = app.Rollback(ctx) }()
+	_, err = app.Exec(ctx, `SELECT 1 FROM outbox_events WHERE id = $1 FOR UPDATE`, evs[1].ID)
+	must(t, err)
+	close(g.open)
+	waitFor(t, 10*time.Second, "the mark to wait for the row lock", func() bool {
+		var n int
+		must(t, e.pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
+			WHERE application_name = 'outbox-relay' AND wait_event_type = 'Lock'`).Scan(&n))
+		return n > 0
+	})
+	r.stopWithin(t, e.cfg.ShutdownTimeout+3*time.Second)
+	waitFor(t, 5*time.Second, "no relay session waiting for the lock", func() bool {
+		var n int
+		must(t, e.pool.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity
+			WHERE application_name = 'outbox-relay' AND wait_event_type = 'Lock'`).Scan(&n))
+		return n == 0
+	})
+	must(t, app.Rollback(ctx))
+	r2 := e.start(nil)
+	r2.waitStreaming(t)
+	waitFor(t, 20*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
+	r2.stop(t)
+	e.checkFirstDeliveries(evs, nil)
+}
+
+// TestStopDuringANackBackoff (invariant 11): SIGTERM while a nacked event
+// waits for its next republish (a backoff of seconds) returns within
+// RELAY_SHUTDOWN_TIMEOUT plus a moment; the next relay delivers it.
+func TestStopDuringANackBackoff(t *testing.T) {
+	e := newEnv(t)
+	e.cfg.ShutdownTimeout = time.Second
+	e.cfg.BackoffMin = 20 * time.Second
+	e.cfg.BackoffMax = 20 * time.Second
+	ev := newEvent("order", "created", `{}`)
+	n := &nacking{nacks: map[string]int{ev.ID: 3}}
+	var nacks atomic.Int64
+	r := e.start(func(p sink.Publisher) sink.Publisher { n.Publisher = p; return n })
+	r.waitStreaming(t)
+	e.insertTx([]event{ev}, true, nil)
+	waitFor(t, 10*time.Second, "two nacks (the second retry waits)", func() bool {
+		n.mu.Lock()
+		defer n.mu.Unlock()
+		return n.nacks[ev.ID] <= 1
+	})
+	nacks.Store(1)
+	r.stopWithin(t, e.cfg.ShutdownTimeout+3*time.Second)
+	e.cfg.BackoffMin, e.cfg.BackoffMax = 50*time.Millisecond, time.Second
+	r2 := e.start(nil)
+	r2.waitStreaming(t)
+	waitFor(t, 20*time.Second, "the row marked", func() bool { return e.unpublished() == 0 })
+	r2.stop(t)
+	e.checkFirstDeliveries([]event{ev}, nil)
+}
