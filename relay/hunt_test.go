@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -429,4 +430,99 @@ func TestStopDuringANackBackoff(t *testing.T) {
 	waitFor(t, 20*time.Second, "the row marked", func() bool { return e.unpublished() == 0 })
 	r2.stop(t)
 	e.checkFirstDeliveries([]event{ev}, nil)
+}
+
+// TestTwinsOnAFreshSlotOwnerKilledMidSweep (invariants 10, 2, 3): two
+// relays started at the same instant on a fresh slot with a backlog: one
+// sweeps, the other stands by, and nothing is sent twice meanwhile. The
+// owner is then killed mid-sweep (RELAY_SHUTDOWN_TIMEOUT 1ms abandons what
+// is in flight); the standby takes over, sweeps again, and streams: no row
+// lost, first deliveries in insert order per aggregate, every row marked,
+// one slot.
+func TestTwinsOnAFreshSlotOwnerKilledMidSweep(t *testing.T) {
+	e := newEnv(t)
+	e.cfg.ShutdownTimeout = time.Millisecond
+	e.cfg.PublishWindow = 50
+	e.cfg.MarkBatchSize = 20
+	evs, dead := mixedBacklog(600)
+	for id := range dead {
+		delete(dead, id)
+	}
+	for i := range evs {
+		evs[i].AggregateType, evs[i].EventType = "order", "changed"
+	}
+	e.insertInTxs(evs)
+	slow := func(p sink.Publisher) sink.Publisher { return slowed{p, 3 * time.Millisecond} }
+	var twins [2]*running
+	var wg sync.WaitGroup
+	for i := range twins {
+		twins[i] = e.start(slow) // start returns at once; Run begins in a goroutine
+	}
+	wg.Wait()
+	waitFor(t, 20*time.Second, "one relay to stand by", func() bool {
+		return strings.HasPrefix(twins[0].metrics.Ready(), "standby") || strings.HasPrefix(twins[1].metrics.Ready(), "standby")
+	})
+	owner, standby := twins[0], twins[1]
+	if strings.HasPrefix(owner.metrics.Ready(), "standby") {
+		owner, standby = standby, owner
+	}
+	waitFor(t, 20*time.Second, "the sweep to be under way", func() bool { return e.receivedCount() >= 150 })
+	e.mu.Lock()
+	for id, n := range e.ids {
+		if n != 1 {
+			e.mu.Unlock()
+			t.Fatalf("%s received %d times while one relay owned the slot", id, n)
+		}
+	}
+	e.mu.Unlock()
+	if e.receivedCount() >= len(evs) {
+		t.Fatal("the sweep was over before the kill: the test proves nothing")
+	}
+	owner.stopWithin(t, 5*time.Second)
+	standby.waitStreaming(t)
+	after := []event{newEvent("order", "changed", `{"after":1}`), newEvent("order", "changed", `{"after":2}`)}
+	e.insertTx(after, true, nil)
+	all := append(evs, after...)
+	waitFor(t, 60*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
+	time.Sleep(300 * time.Millisecond)
+	standby.stop(t)
+	t.Logf("%d duplicates", e.checkFirstDeliveries(all, dead))
+	var slots int
+	must(t, e.pool.QueryRow(context.Background(), `SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1`, e.cfg.Slot).Scan(&slots))
+	if slots != 1 || e.sweepPendingState() {
+		t.Fatalf("%d slots, sweep pending %v; want one slot, swept", slots, e.sweepPendingState())
+	}
+}
+
+// TestStandbyStartedDuringTheOwnersDrain (invariants 10, 4): a standby
+// started while the owner drains after SIGTERM (confirms held) waits for
+// the drain, then streams from the owner's acknowledgement: nothing is
+// sent twice after a clean drain, nothing is lost.
+func TestStandbyStartedDuringTheOwnersDrain(t *testing.T) {
+	e := newEnv(t)
+	var g *gated
+	owner := e.start(func(p sink.Publisher) sink.Publisher { g = newGated(p); return g })
+	owner.waitStreaming(t)
+	evs := []event{newEvent("order", "created", `{}`), newEvent("order", "paid", `{}`), newEvent("order", "shipped", `{}`)}
+	e.insertTx(evs, true, nil)
+	e.waitReceived(3, 10*time.Second)
+	owner.cancel() // SIGTERM: the owner drains, its confirms held
+	standby := e.start(nil)
+	waitFor(t, 10*time.Second, "the second relay to stand by", func() bool {
+		return strings.HasPrefix(standby.metrics.Ready(), "standby")
+	})
+	time.Sleep(500 * time.Millisecond) // a few standby retries during the drain
+	if e.receivedCount() != 3 {
+		t.Fatalf("%d messages during the owner's drain, want 3", e.receivedCount())
+	}
+	close(g.open)
+	owner.stop(t)
+	standby.waitStreaming(t)
+	more := []event{newEvent("order", "closed", `{}`)}
+	e.insertTx(more, true, nil)
+	e.waitReceived(4, 20*time.Second)
+	waitFor(t, 10*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
+	time.Sleep(300 * time.Millisecond)
+	standby.stop(t)
+	e.checkOnceInOrder(append(evs, more...))
 }
