@@ -632,3 +632,66 @@ func TestTextFieldsTheSameInTheSweepAsInTheStream(t *testing.T) {
 		t.Fatalf("swept rows delivered in the order %v, want %v", order, want)
 	}
 }
+
+// TestLargeTextFieldsBehindHeldConfirmsBoundedHeap (invariant 9): the
+// bound in bytes holds for every field of an event, not only its payload.
+// With a routing key that leaves aggregate_type out, an aggregate_type of
+// 100 kB is a valid message (a header under frame_max); 1,000 of them
+// behind held confirms must not fill RELAY_PUBLISH_WINDOW (100 MB) when
+// RELAY_MAX_INFLIGHT_BYTES is 8 MiB.
+func TestLargeTextFieldsBehindHeldConfirmsBoundedHeap(t *testing.T) {
+	e := newEnv(t)
+	e.keep = false
+	e.cfg.MaxInflightBytes = 8 << 20
+	e.cfg.RoutingKey = "{event_type}"
+	var g *gated
+	r := e.start(func(p sink.Publisher) sink.Publisher { g = newGated(p); return g })
+	r.waitStreaming(t)
+
+	const n = 1000
+	base := liveHeap()
+	var ids []string
+	for i := 0; i < n; i++ {
+		ids = append(ids, newEvent("big", "loaded", "").ID)
+	}
+	for i := 0; i < n; i += 50 { // transactions the walsender need not spill
+		_, err := e.pool.Exec(context.Background(), `INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
+			SELECT id::uuid, repeat('a', 100000), gen_random_uuid(), 'loaded', '{}'
+			FROM unnest($1::text[]) AS id`, ids[i:i+50])
+		must(t, err)
+	}
+	// The reader has read what it may once nothing more is published.
+	last, still := -1, 0
+	waitFor(t, 90*time.Second, "the relay to stop publishing", func() bool {
+		time.Sleep(200 * time.Millisecond)
+		now := e.receivedCount()
+		if now == last {
+			still++
+		} else {
+			last, still = now, 0
+		}
+		return still >= 10
+	})
+	live := liveHeap()
+	live -= min(base, live)
+	t.Logf("live heap with confirms held: %d MiB above the start (in-flight bound %d MiB, %d events with 100 kB aggregate_type, %d published)",
+		live>>20, e.cfg.MaxInflightBytes>>20, n, e.receivedCount())
+	if live > 40<<20 {
+		t.Fatalf("live heap %d MiB above the start with confirms held: text fields in flight not bounded by RELAY_MAX_INFLIGHT_BYTES (%d MiB)",
+			live>>20, e.cfg.MaxInflightBytes>>20)
+	}
+	close(g.open)
+	waitFor(t, 2*time.Minute, "all rows marked", func() bool { return e.unpublished() == 0 })
+	e.waitReceived(n, time.Minute)
+	time.Sleep(200 * time.Millisecond)
+	got := e.receivedIDs()
+	if len(got) != n {
+		t.Fatalf("received %d messages, want %d", len(got), n)
+	}
+	for i, id := range ids {
+		if got[i] != id {
+			t.Fatalf("message %d is %s, want %s", i, got[i], id)
+		}
+	}
+	r.stop(t)
+}

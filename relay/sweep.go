@@ -126,13 +126,13 @@ func (s *session) sweepExec(ctx context.Context, tx pgx.Tx, q string) error {
 }
 
 // Pages of the sweep: up to maxSweepPage rows, fewer when rows are large,
-// so that one page holds about sweepPageBytes of payloads.
+// so that one page holds about sweepPageBytes (payloads and text fields).
 const (
 	maxSweepPage   = 1000
 	sweepPageBytes = 4 << 20
 )
 
-// nextSweepPage sizes the next FETCH from the last page's payload bytes.
+// nextSweepPage sizes the next FETCH from the last page's bytes.
 func nextSweepPage(fetched, n, bytes int) int {
 	if n == 0 || bytes == 0 {
 		return fetched
@@ -159,7 +159,7 @@ func (s *session) sweepPage(ctx context.Context, tx pgx.Tx, ctr *checkpoint.Tx, 
 			return 0, 0, classifyPg(fmt.Errorf("table sweep: %w", err))
 		}
 		ev := decoder.EventFromRow(row)
-		bytes += len(ev.Payload)
+		bytes += int(eventBytes(&ev))
 		page = append(page, ev)
 	}
 	rows.Close()
