@@ -80,7 +80,7 @@ func (s *session) sweep(soft, ctx context.Context, tx pgx.Tx) error {
 	}()
 	total := 0
 	lastLog := time.Now()
-	fetch := maxSweepPage
+	fetch := 1 // nothing is known of the rows' size yet
 	for soft.Err() == nil {
 		n, bytes, err := s.sweepPage(ctx, tx, ctr, fetch)
 		if err != nil {
@@ -127,6 +127,12 @@ func (s *session) sweepExec(ctx context.Context, tx pgx.Tx, q string) error {
 
 // Pages of the sweep: up to maxSweepPage rows, fewer when rows are large,
 // so that one page holds about sweepPageBytes (payloads and text fields).
+// A page is read whole before its first row is handed on, so its size is
+// what the rows read so far predict: the first page is one row, and a page
+// at most doubles the last, so that rows growing larger part way (small
+// rows, then 1 MB ones) fill at most twice the rows the small ones allowed.
+// Measured: a first page of 1,000 rows held 194 MiB of 1 MB payloads while
+// the broker confirmed nothing, against RELAY_MAX_INFLIGHT_BYTES = 8 MiB.
 const (
 	maxSweepPage   = 1000
 	sweepPageBytes = 4 << 20
@@ -134,10 +140,11 @@ const (
 
 // nextSweepPage sizes the next FETCH from the last page's bytes.
 func nextSweepPage(fetched, n, bytes int) int {
+	limit := min(maxSweepPage, 2*fetched)
 	if n == 0 || bytes == 0 {
-		return fetched
+		return limit
 	}
-	return max(1, min(maxSweepPage, sweepPageBytes*n/bytes))
+	return max(1, min(limit, sweepPageBytes*n/bytes))
 }
 
 // sweepPage fetches up to fetch rows and hands them to the pipeline. The
