@@ -754,3 +754,58 @@ func TestSweepOfLargePayloadsBehindHeldConfirmsBoundedHeap(t *testing.T) {
 	}
 	r.stop(t)
 }
+
+// TestUnroutablePoliciesInTheSweep (invariant 8 on the sweep): unroutable
+// rows in the table sweep follow RELAY_UNROUTABLE as in the stream: drop
+// marks them undelivered; retry holds them until a queue is bound, then
+// delivers them, loses nothing and marks every row.
+func TestUnroutablePoliciesInTheSweep(t *testing.T) {
+	for _, policy := range []string{"drop", "retry"} {
+		t.Run(policy, func(t *testing.T) {
+			e := newEnv(t)
+			e.cfg.Unroutable = policy
+			e.cfg.BackoffMax = 200 * time.Millisecond
+			ch := e.bindOnly("order.#")
+			var evs []event
+			lost := map[string]bool{}
+			for i := 0; i < 30; i++ {
+				ev := newEvent("order", "changed", fmt.Sprintf(`{"i":%d}`, i))
+				if i%7 == 3 {
+					ev.AggregateType = "invoice"
+					lost[ev.ID] = true
+				}
+				evs = append(evs, ev)
+			}
+			e.insertInTxs(evs)
+			r := e.start(nil)
+			if policy == "retry" {
+				waitFor(t, 20*time.Second, "the routable rows before the held one", func() bool { return e.receivedCount() >= 3 })
+				time.Sleep(time.Second) // retries meanwhile
+				if e.unpublished() == 0 {
+					t.Fatal("every row marked while an unroutable one was held")
+				}
+				must(t, ch.QueueBind(e.queue, "invoice.#", e.cfg.Exchange, false, nil))
+				lost = nil
+			}
+			r.waitStreaming(t)
+			waitFor(t, 30*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
+			time.Sleep(300 * time.Millisecond)
+			r.stop(t)
+			seen := map[string]int{}
+			for _, id := range e.receivedIDs() {
+				seen[id]++
+			}
+			for _, ev := range evs {
+				switch {
+				case lost[ev.ID] && seen[ev.ID] != 0:
+					t.Fatalf("dropped row %s delivered", ev.ID)
+				case !lost[ev.ID] && seen[ev.ID] != 1:
+					t.Fatalf("row %s delivered %d times, want once", ev.ID, seen[ev.ID])
+				}
+			}
+			if len(e.dlq()) != 0 {
+				t.Fatal("an unroutable row was dead-lettered under RELAY_UNROUTABLE=" + policy)
+			}
+		})
+	}
+}
