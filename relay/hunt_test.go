@@ -809,3 +809,73 @@ func TestUnroutablePoliciesInTheSweep(t *testing.T) {
 		})
 	}
 }
+
+// TestSerializableApplicationUpdatingOutboxRows (invariant 12): on a
+// database whose default is serializable with a short lock_timeout, an
+// application keeps updating and locking outbox rows (in serializable
+// transactions of its own, retried on serialization failures) while the
+// relay streams and marks them: every event is delivered once, in order,
+// and every row is marked.
+func TestSerializableApplicationUpdatingOutboxRows(t *testing.T) {
+	e := newEnv(t)
+	e.strictDBA(map[string]string{"default_transaction_isolation": "serializable", "lock_timeout": "50ms"})
+	ctx := context.Background()
+	app, err := pgxpool.New(ctx, e.dbURL) // the database's defaults: serializable
+	must(t, err)
+	defer app.Close()
+	r := e.start(nil)
+	r.waitStreaming(t)
+	var evs []event
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var updates, failures atomic.Int64
+	ids := make(chan string, 1000)
+	for w := 0; w < 2; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				var id string
+				select {
+				case <-stop:
+					return
+				case id = <-ids:
+				}
+				err := pgx.BeginFunc(ctx, app, func(tx pgx.Tx) error {
+					if _, err := tx.Exec(ctx, `SELECT 1 FROM outbox_events WHERE id = $1 FOR UPDATE`, id); err != nil {
+						return err
+					}
+					time.Sleep(5 * time.Millisecond)
+					_, err := tx.Exec(ctx, `UPDATE outbox_events SET payload = payload || '{"touched": true}' WHERE id = $1`, id)
+					return err
+				})
+				if err != nil {
+					failures.Add(1)
+				} else {
+					updates.Add(1)
+				}
+			}
+		}()
+	}
+	for i := 0; i < 300; i++ {
+		ev := newEvent("order", "changed", fmt.Sprintf(`{"i": %d}`, i))
+		evs = append(evs, ev)
+		e.insertTx([]event{ev}, true, nil)
+		select {
+		case ids <- ev.ID:
+		default:
+		}
+	}
+	waitFor(t, 60*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
+	close(stop)
+	wg.Wait()
+	time.Sleep(300 * time.Millisecond)
+	r.stop(t)
+	t.Logf("application: %d updates, %d failed (serialization or lock_timeout)", updates.Load(), failures.Load())
+	e.checkOnceInOrder(evs)
+	for _, d := range e.deliveries() {
+		if strings.Contains(string(d.Body), "touched") {
+			t.Fatalf("%s carries the application's later update, not the inserted payload", d.MessageId)
+		}
+	}
+}
