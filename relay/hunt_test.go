@@ -879,3 +879,45 @@ func TestSerializableApplicationUpdatingOutboxRows(t *testing.T) {
 		}
 	}
 }
+
+// TestSweepUnderASmallWorkMemAndTempFileLimit (invariants 7, 12): a
+// database whose work_mem and temp_file_limit are 64kB still has its
+// backlog swept, in insert order, and marked: PostgreSQL holds each FETCH's
+// rows in work_mem and spills the rest, and a spill over temp_file_limit
+// failed every page, redoing the sweep on a new slot forever.
+func TestSweepUnderASmallWorkMemAndTempFileLimit(t *testing.T) {
+	e := newEnv(t)
+	e.keep = false
+	ctx := context.Background()
+	const n = 20000
+	_, err := e.pool.Exec(ctx, `INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
+		SELECT ('00000000-0000-4000-8000-' || lpad(i::text, 12, '0'))::uuid, 'bulk',
+			('10000000-0000-4000-8000-' || lpad((i % 5)::text, 12, '0'))::uuid, 'loaded', jsonb_build_object('i', i)
+		FROM generate_series(1, $1::int) AS i`, n)
+	must(t, err)
+	var db string
+	must(t, e.pool.QueryRow(ctx, `SELECT current_database()`).Scan(&db))
+	for _, s := range []string{"work_mem = '64kB'", "temp_file_limit = '64kB'"} {
+		_, err := e.pool.Exec(ctx, `ALTER DATABASE `+pgx.Identifier{db}.Sanitize()+` SET `+s)
+		must(t, err)
+	}
+	t.Cleanup(func() {
+		if _, err := e.pool.Exec(context.Background(), `ALTER DATABASE `+pgx.Identifier{db}.Sanitize()+` RESET ALL`); err != nil {
+			t.Errorf("reset the database's settings: %v", err)
+		}
+	})
+	r := e.start(nil)
+	r.waitStreaming(t)
+	waitFor(t, 60*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
+	e.waitReceived(n, 20*time.Second)
+	r.stop(t)
+	got := e.receivedIDs()
+	if len(got) != n {
+		t.Fatalf("received %d messages, want %d", len(got), n)
+	}
+	for i := 0; i < n; i++ {
+		if want := fmt.Sprintf("00000000-0000-4000-8000-%012d", i+1); got[i] != want {
+			t.Fatalf("message %d is %s, want %s", i, got[i], want)
+		}
+	}
+}

@@ -23,6 +23,12 @@ import (
 // holds no more back than the sweep has to: the walsender that exported the
 // snapshot holds the same xmin horizon until START_REPLICATION. Timestamps
 // come out as pgoutput sends them, in ISO form and UTC.
+//
+// work_mem is the relay's too: PostgreSQL holds each FETCH's rows in a
+// tuplestore of work_mem before it sends them, and spills the rest to a
+// temporary file. Under a database's work_mem = '64kB' and temp_file_limit
+// = '64kB' every FETCH of 1,000 small rows failed (SQLSTATE 53400), the
+// sweep was redone on a new slot, and failed again, forever.
 func (r *Relay) beginSweep(ctx context.Context, snapshot string) (pgx.Tx, error) {
 	ctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
 	defer cancel()
@@ -35,6 +41,7 @@ func (r *Relay) beginSweep(ctx context.Context, snapshot string) (pgx.Tx, error)
 		`SET LOCAL idle_in_transaction_session_timeout = 0`,
 		`SET LOCAL TimeZone = 'UTC'`,
 		`SET LOCAL DateStyle = 'ISO, YMD'`,
+		`SET LOCAL work_mem = '` + strconv.Itoa(sweepWorkMem>>10) + `kB'`,
 	} {
 		if _, err := tx.Exec(ctx, q); err != nil {
 			_ = tx.Rollback(context.Background())
@@ -136,6 +143,9 @@ func (s *session) sweepExec(ctx context.Context, tx pgx.Tx, q string) error {
 const (
 	maxSweepPage   = 1000
 	sweepPageBytes = 4 << 20
+	// sweepWorkMem holds a page in the server's memory: a page that doubled
+	// (nextSweepPage) on rows grown larger is about twice sweepPageBytes.
+	sweepWorkMem = 4 * sweepPageBytes
 )
 
 // nextSweepPage sizes the next FETCH from the last page's bytes.
