@@ -13,7 +13,9 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 
+	"github.com/outbox-relay/outbox-relay/internal/pgsession"
 	"github.com/outbox-relay/outbox-relay/sink"
+	relaystatus "github.com/outbox-relay/outbox-relay/status"
 )
 
 // appSearchPath sets search_path on the test's database for every session
@@ -102,6 +104,21 @@ func TestSearchPathWithoutPublic(t *testing.T) {
 	waitFor(t, 10*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
 	r.stop(t)
 	e.checkOnceInOrder(append(backlog, more...))
+
+	// status, through a pool built as the binary builds it, finds the
+	// records' table too.
+	pc, err := pgsession.PoolConfig(e.dbURL, 1, pgsession.Bounds{Statement: 30 * time.Second})
+	must(t, err)
+	pool, err := pgxpool.NewWithConfig(context.Background(), pc)
+	must(t, err)
+	defer pool.Close()
+	rep, err := relaystatus.Gather(context.Background(), pool, e.cfg.Slot, e.cfg.Publication, "public", "outbox_events", 0, false)
+	if err != nil {
+		t.Fatalf("status: %v", err)
+	}
+	if rep.Sync.ConfirmedUnmarked == nil || *rep.Sync.ConfirmedUnmarked != 0 {
+		t.Fatalf("status counts %v confirmed, unmarked events; want 0 (outbox_relay_confirmed found)", rep.Sync.ConfirmedUnmarked)
+	}
 }
 
 // TestStateTablesOffTheSearchPathAreNamed: where the relay's table is in
