@@ -938,3 +938,52 @@ func TestSweepUnderASmallWorkMemAndTempFileLimit(t *testing.T) {
 		}
 	}
 }
+
+// TestAnyUUIDVersionAndEqualOccurredAtOnBothPaths (invariant 3): ids of
+// every UUID version (nil, max, v1, v4, v6, v7, decreasing) and one
+// occurred_at shared by every transaction decide nothing: the sweep and the
+// stream deliver in insert and commit order, once, and mark every row.
+func TestAnyUUIDVersionAndEqualOccurredAtOnBothPaths(t *testing.T) {
+	e := newEnv(t)
+	ids := []string{
+		"ffffffff-ffff-ffff-ffff-ffffffffffff",
+		"00000000-0000-0000-0000-000000000000",
+		"c232ab00-9414-11ec-b3c8-9f6bdeced846", // v1
+		"1ec9414c-232a-6b00-b3c8-9f6bdeced846", // v6
+		"017f22e2-79b0-7cc3-98c4-dc0c0c07398f", // v7
+		"017f22e2-79b0-7cc3-98c4-dc0c0c07398e", // v7, one less
+		"9f6bdece-d846-4b3c-8c8e-000000000009", // v4
+		"00000000-0000-0000-0000-000000000001",
+	}
+	aggs := []string{"40000000-0000-4000-8000-000000000001", "40000000-0000-4000-8000-000000000002"}
+	const at = "'2030-01-01 00:00:00+00'"
+	rows := func(prefix string) ([][]sweepRow, []string) {
+		var txs [][]sweepRow
+		var want []string
+		for i, id := range ids {
+			id = prefix + id[len(prefix):]
+			want = append(want, id)
+			r := sweepRow{id: "'" + id + "'", agg: aggs[i%2], occurredAt: at}
+			if i%3 == 2 && len(txs) > 0 { // some transactions of two
+				txs[len(txs)-1] = append(txs[len(txs)-1], r)
+				continue
+			}
+			txs = append(txs, []sweepRow{r})
+		}
+		return txs, want
+	}
+	sweptTxs, swept := rows("")
+	e.insertRows(sweptTxs)
+	r := e.start(nil)
+	r.waitStreaming(t)
+	streamedTxs, streamed := rows("a")
+	e.insertRows(streamedTxs)
+	want := append(swept, streamed...)
+	e.waitReceived(len(want), 20*time.Second)
+	waitFor(t, 10*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
+	time.Sleep(300 * time.Millisecond)
+	r.stop(t)
+	if got := e.receivedIDs(); strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Fatalf("received\n%v\nwant\n%v", got, want)
+	}
+}
