@@ -469,11 +469,9 @@ func TestTwinsOnAFreshSlotOwnerKilledMidSweep(t *testing.T) {
 	e.insertInTxs(evs)
 	slow := func(p sink.Publisher) sink.Publisher { return slowed{p, 3 * time.Millisecond} }
 	var twins [2]*running
-	var wg sync.WaitGroup
 	for i := range twins {
 		twins[i] = e.start(slow) // start returns at once; Run begins in a goroutine
 	}
-	wg.Wait()
 	waitFor(t, 20*time.Second, "one relay to stand by", func() bool {
 		return strings.HasPrefix(twins[0].metrics.Ready(), "standby") || strings.HasPrefix(twins[1].metrics.Ready(), "standby")
 	})
