@@ -53,7 +53,7 @@ type Config struct {
 
 	// PublishWindow caps messages published but not yet confirmed.
 	PublishWindow int `env:"RELAY_PUBLISH_WINDOW" envDefault:"1000"`
-	// MaxInflightBytes caps the payload bytes read from the stream (or the
+	// MaxInflightBytes caps the event bytes (payload and text fields) read from the stream (or the
 	// table) and not yet confirmed by the broker: the window caps events,
 	// this caps their bytes. A single larger event still passes, alone.
 	MaxInflightBytes int `env:"RELAY_MAX_INFLIGHT_BYTES" envDefault:"67108864"`

@@ -39,13 +39,14 @@
 // confirmed when the broker connection failed; message_id lets consumers
 // drop them.
 // Bounded memory (9): the channels bound events, the in-flight budget
-// (RELAY_MAX_INFLIGHT_BYTES, budget.go) bounds their payload bytes. The
-// reader acquires an event's bytes before it enters the pipeline (the
-// table sweep too) and keeps the stream alive while it waits; the
-// confirmer releases them with the broker's verdict and drops the payload,
-// so the marker and the carry hold ids only. An event larger than the
-// budget passes alone. The table sweep reads pages of rows before they
-// enter the budget, so its pages are bounded in bytes too (sweep.go).
+// (RELAY_MAX_INFLIGHT_BYTES, budget.go) bounds their bytes (payload and
+// text fields). The reader acquires an event's bytes before it enters the
+// pipeline (the table sweep too) and keeps the stream alive while it
+// waits; the confirmer releases them with the broker's verdict and drops
+// all but the id, so the marker and the carry hold ids only. An event
+// larger than the budget passes alone. The table sweep reads pages of rows
+// before they enter the budget, so its pages are bounded in bytes too
+// (sweep.go).
 // The table is the backstop (7): when the relay creates its slot (first
 // start, or after the slot was lost) it publishes the unpublished rows
 // visible in the slot's exported snapshot before streaming, in insert order

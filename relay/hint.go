@@ -43,8 +43,10 @@ func settingHint(err error, cfg *config.Config) string {
 			"PostgreSQL cannot carry a replication connection, nor hold the session-level lock that makes one relay the " +
 			"slot's owner; point RELAY_DATABASE_URL at PostgreSQL itself"
 	case pgerrcode.ConfigurationLimitExceeded:
-		return "a server limit is reached (max_wal_senders or max_replication_slots, most likely): raise it, or drop " +
-			"replication slots nobody uses (pg_replication_slots)"
+		return "a server limit is reached: max_replication_slots (raise it, or drop replication slots nobody uses: " +
+			"pg_replication_slots), or temp_file_limit, which a role or database may set and only a superuser can " +
+			"override (the relay holds a sweep page in work_mem, which it sets; a larger row spills): raise or RESET it " +
+			"for the relay's role (ALTER ROLE … SET temp_file_limit)"
 	}
 	return ""
 }

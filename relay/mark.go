@@ -246,7 +246,7 @@ func (s *session) markOrRecord(ctx context.Context, ids []string, batch []*item)
 			WHERE id = ANY($2::uuid[]) AND published_at IS NULL RETURNING id),
 		x AS (SELECT u.id, ` + widenXid("u.xid") + ` AS xid, cur.snap
 			FROM unnest($3::uuid[], $4::bigint[]) AS u(id, xid), cur),
-		rec AS (INSERT INTO outbox_relay_confirmed (slot_name, id, xid)
+		rec AS (INSERT INTO ` + s.r.stateTable(confirmedTable) + ` (slot_name, id, xid)
 			SELECT $1, x.id, x.xid FROM x WHERE NOT pg_visible_in_snapshot(x.xid, x.snap)
 			ON CONFLICT (slot_name, id) DO NOTHING RETURNING id)
 		SELECT id::text, false FROM marked UNION ALL SELECT id::text, true FROM rec`
@@ -296,7 +296,7 @@ func (s *session) startRecorded(ctx context.Context) error {
 	qctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
 	defer cancel()
 	var n int
-	err := s.r.opt.Pool.QueryRow(qctx, `SELECT count(*) FROM outbox_relay_confirmed WHERE slot_name = $1`, s.r.cfg.Slot).Scan(&n)
+	err := s.r.opt.Pool.QueryRow(qctx, `SELECT count(*) FROM `+s.r.stateTable(confirmedTable)+` WHERE slot_name = $1`, s.r.cfg.Slot).Scan(&n)
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) && pgErr.Code == pgerrcode.UndefinedTable {
 		return fmt.Errorf("%w: table outbox_relay_confirmed does not exist: run `outbox-relay migrate` (migration 005): %w",
@@ -327,10 +327,10 @@ func (s *session) completeRecorded(ctx context.Context, force bool) error {
 	t := s.r.tableIdent
 	q := `WITH marked AS (
 			UPDATE ` + t + ` o SET published_at = now()
-			FROM outbox_relay_confirmed c
+			FROM ` + s.r.stateTable(confirmedTable) + ` c
 			WHERE c.slot_name = $1 AND o.id = c.id AND o.published_at IS NULL
 			RETURNING o.id)
-		DELETE FROM outbox_relay_confirmed c
+		DELETE FROM ` + s.r.stateTable(confirmedTable) + ` c
 		WHERE c.slot_name = $1 AND (
 			c.id IN (SELECT id FROM marked)
 			OR EXISTS (SELECT 1 FROM ` + t + ` o WHERE o.id = c.id AND o.published_at IS NOT NULL)
@@ -400,7 +400,7 @@ func (r *Relay) markRows(ctx context.Context, ids []string) ([]string, error) {
 func (r *Relay) publishedRows(ctx context.Context, ids []string) ([]string, error) {
 	q := `SELECT id::text FROM ` + r.tableIdent + ` WHERE id = ANY($1::uuid[]) AND published_at IS NOT NULL
 		UNION ALL
-		SELECT id::text FROM outbox_relay_confirmed WHERE slot_name = $2 AND id = ANY($1::uuid[])`
+		SELECT id::text FROM ` + r.stateTable(confirmedTable) + ` WHERE slot_name = $2 AND id = ANY($1::uuid[])`
 	return r.ids(ctx, "read published rows", q, ids, r.cfg.Slot)
 }
 

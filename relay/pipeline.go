@@ -6,6 +6,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -200,14 +201,14 @@ func (s *session) confirm(ctx context.Context) error {
 	}
 }
 
-// settle releases an item's payload once the broker's verdict is in
+// settle releases an item's bytes once the broker's verdict is in
 // (confirmed, dead-lettered, skipped or carried): the marker and the carry
 // to the next session need only its id, so memory in flight is bounded by
 // the budget, not by the events waiting to be marked.
 func (s *session) settle(it *item) {
 	s.inflight.release(it.bytes)
 	it.bytes = 0
-	it.ev.Payload = nil
+	it.ev = decoder.Event{ID: it.ev.ID}
 	it.msg = sink.Message{}
 	it.pending = nil // a NATS ack future keeps the message it published
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
@@ -47,11 +48,10 @@ func (r *Relay) preflight(ctx context.Context) (slotInfo, error) {
 		return si, fmt.Errorf("%w: publication %q does not include table %s (RELAY_TABLE)",
 			ErrMisconfigured, r.cfg.Publication, r.cfg.Table)
 	}
-	var hasSeq, hasState, hasConfirmed bool
+	var hasSeq bool
 	err = r.opt.Pool.QueryRow(ctx, `SELECT
-		EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $1::regclass AND attname = 'relay_seq' AND NOT attisdropped),
-		to_regclass('outbox_relay_slot_state') IS NOT NULL,
-		to_regclass('outbox_relay_confirmed') IS NOT NULL`, r.tableIdent).Scan(&hasSeq, &hasState, &hasConfirmed)
+		EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $1::regclass AND attname = 'relay_seq' AND NOT attisdropped)`,
+		r.tableIdent).Scan(&hasSeq)
 	if err != nil {
 		return si, classifyPg(fmt.Errorf("check table %s: %w", r.cfg.Table, err))
 	}
@@ -59,14 +59,8 @@ func (r *Relay) preflight(ctx context.Context) (slotInfo, error) {
 		return si, fmt.Errorf("%w: table %s has no relay_seq column, which orders the table sweep: "+
 			"run `outbox-relay migrate` (migration 004 adds it without rewriting the table)", ErrMisconfigured, r.cfg.Table)
 	}
-	if !hasState {
-		return si, fmt.Errorf("%w: table outbox_relay_slot_state does not exist (or is not on the search_path): "+
-			"run `outbox-relay migrate` (migration 003)", ErrMisconfigured)
-	}
-	if !hasConfirmed {
-		return si, fmt.Errorf("%w: table outbox_relay_confirmed does not exist (or is not on the search_path): "+
-			"run `outbox-relay migrate` (migration 005)",
-			ErrMisconfigured)
+	if err := r.findStateTables(ctx); err != nil {
+		return si, err
 	}
 
 	var plugin, database string
@@ -132,7 +126,7 @@ func (r *Relay) sweepPending(ctx context.Context) (bool, error) {
 	ctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
 	defer cancel()
 	var pending bool
-	err := r.opt.Pool.QueryRow(ctx, `SELECT sweep_pending FROM outbox_relay_slot_state WHERE slot_name = $1`,
+	err := r.opt.Pool.QueryRow(ctx, `SELECT sweep_pending FROM `+r.stateTable(slotStateTable)+` WHERE slot_name = $1`,
 		r.cfg.Slot).Scan(&pending)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return false, nil
@@ -147,11 +141,94 @@ func (r *Relay) sweepPending(ctx context.Context) (bool, error) {
 func (r *Relay) setSweepPending(ctx context.Context, pending bool) error {
 	ctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
 	defer cancel()
-	_, err := r.opt.Pool.Exec(ctx, `INSERT INTO outbox_relay_slot_state (slot_name, sweep_pending) VALUES ($1, $2)
+	_, err := r.opt.Pool.Exec(ctx, `INSERT INTO `+r.stateTable(slotStateTable)+` (slot_name, sweep_pending) VALUES ($1, $2)
 		ON CONFLICT (slot_name) DO UPDATE SET sweep_pending = excluded.sweep_pending, updated_at = now()`,
 		r.cfg.Slot, pending)
 	if err != nil {
 		return classifyPg(fmt.Errorf("write outbox_relay_slot_state (run `outbox-relay migrate`): %w", err))
 	}
 	return nil
+}
+
+// The relay's own tables, created by `outbox-relay migrate` in the first
+// schema of its search_path at the time.
+const (
+	slotStateTable = "outbox_relay_slot_state" // migration 003
+	confirmedTable = "outbox_relay_confirmed"  // migration 005
+)
+
+// stateTable is the relay's table name, qualified with the schema
+// findStateTables found it in.
+func (r *Relay) stateTable(name string) string {
+	if schema := r.stateSchemas[name]; schema != "" {
+		return pgx.Identifier{schema, name}.Sanitize()
+	}
+	return name // not looked up (a test of one stage): the search_path's
+}
+
+// findStateTables finds the schema of each of the relay's own tables. The
+// search_path is the one setting the relay inherits from a role or a
+// database (it cannot know the schemas an operator uses), and a DBA may set
+// one that leaves out where migrate created the tables, e.g. after the
+// migration, or for the applications' sake. So a table on the search_path
+// is taken from there, as before; otherwise the one in the outbox table's
+// schema, or the only one there is. The relay's queries then name the
+// schema, and only a table that exists nowhere, or in several schemas none
+// of which is on the search_path, is an error, which says so.
+func (r *Relay) findStateTables(ctx context.Context) error {
+	rows, err := r.opt.Pool.Query(ctx, `SELECT t.name,
+			(SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+				WHERE c.oid = to_regclass(quote_ident(t.name))),
+			ARRAY(SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+				WHERE c.relname = t.name AND c.relkind IN ('r', 'p') ORDER BY n.nspname),
+			current_setting('search_path')
+		FROM unnest($1::text[]) AS t(name)`, []string{slotStateTable, confirmedTable})
+	if err != nil {
+		return classifyPg(fmt.Errorf("find the relay's tables: %w", err))
+	}
+	defer rows.Close()
+	found := make(map[string]string, 2)
+	for rows.Next() {
+		var name, searchPath string
+		var visible *string
+		var everywhere []string
+		if err := rows.Scan(&name, &visible, &everywhere, &searchPath); err != nil {
+			return classifyPg(fmt.Errorf("find the relay's tables: %w", err))
+		}
+		schema, err := r.pickStateSchema(name, visible, everywhere, searchPath)
+		if err != nil {
+			return err
+		}
+		found[name] = schema
+	}
+	if err := rows.Err(); err != nil {
+		return classifyPg(fmt.Errorf("find the relay's tables: %w", err))
+	}
+	r.stateSchemas = found
+	return nil
+}
+
+func (r *Relay) pickStateSchema(name string, visible *string, everywhere []string, searchPath string) (string, error) {
+	if visible != nil {
+		return *visible, nil
+	}
+	for _, s := range everywhere {
+		if s == r.schema {
+			return s, nil
+		}
+	}
+	switch len(everywhere) {
+	case 1:
+		return everywhere[0], nil
+	case 0:
+		migration := "003"
+		if name == confirmedTable {
+			migration = "005"
+		}
+		return "", fmt.Errorf("%w: table %s does not exist: run `outbox-relay migrate` (migration %s)",
+			ErrMisconfigured, name, migration)
+	}
+	return "", fmt.Errorf("%w: table %s is in schemas %s, none of them on the relay's search_path (%s) nor the schema "+
+		"of RELAY_TABLE: a role or database default (ALTER ROLE/DATABASE … SET search_path) leaves it out; "+
+		"add the right schema to it", ErrMisconfigured, name, strings.Join(everywhere, ", "), searchPath)
 }

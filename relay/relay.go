@@ -54,6 +54,9 @@ type Relay struct {
 	// publishing them again: a broker or database hiccup causes no
 	// duplicates, only a crash of the relay itself does.
 	confirmed map[string]struct{}
+	// stateSchemas is the schema of each of the relay's own tables, by
+	// name (preflight, findStateTables).
+	stateSchemas map[string]string
 	// heartbeatLSN is the position of the last heartbeat written.
 	heartbeatLSN atomic.Uint64
 	// syncLogged is the sync state last logged, so that it is said once.

@@ -31,7 +31,7 @@ type item struct {
 	dead    string // dead-letter with this reason instead of publishing
 	skip    bool   // already published: neither publish nor mark
 	carried bool   // confirmed in an earlier session: mark, do not publish
-	bytes   int64  // payload bytes acquired from the session's budget
+	bytes   int64  // event bytes acquired from the session's budget
 }
 
 // session is one connected run of the pipeline.
@@ -46,7 +46,7 @@ type session struct {
 	pending   chan *item
 	confirmed chan *item
 	drained   chan struct{}
-	inflight  *budget // payload bytes between the reader and the confirmer
+	inflight  *budget // event bytes between the reader and the confirmer
 
 	streaming bool     // START_REPLICATION succeeded; only the reader touches it
 	filtering bool     // replayed rows may already be marked; see filterPublished
@@ -435,13 +435,13 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 	}
 }
 
-// send hands an item to the publisher once its payload fits in the
+// send hands an item to the publisher once its bytes fit in the
 // in-flight budget (RELAY_MAX_INFLIGHT_BYTES). While it waits, for bytes or
 // for room in the channel, it keeps the server informed, so a slow broker
 // never trips wal_sender_timeout; nextStatus is nil before streaming starts
 // (the table sweep), when there is no stream to keep alive.
 func (s *session) send(ctx context.Context, it *item, nextStatus *time.Time) error {
-	it.bytes = int64(len(it.ev.Payload))
+	it.bytes = eventBytes(&it.ev)
 	acquired, room := s.inflight.acquire(it.bytes)
 	if acquired {
 		select {

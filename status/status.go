@@ -124,7 +124,7 @@ func Gather(ctx context.Context, pool *pgxpool.Pool, slot, publication, schema, 
 		rep.Problems = append(rep.Problems, fmt.Sprintf("the oldest unpublished row is %.0fs old (threshold %s)",
 			*rep.OldestUnpublishedS, stuckAfter))
 	}
-	if err := rep.gatherSync(ctx, pool); err != nil {
+	if err := rep.gatherSync(ctx, pool, schema); err != nil {
 		return nil, err
 	}
 	return rep, nil
@@ -132,21 +132,29 @@ func Gather(ctx context.Context, pool *pgxpool.Pool, slot, publication, schema, 
 
 // gatherSync reads the slot's walsender's sync_state and the records of
 // confirmed, not yet marked events.
-func (rep *Report) gatherSync(ctx context.Context, pool *pgxpool.Pool) error {
+func (rep *Report) gatherSync(ctx context.Context, pool *pgxpool.Pool, schema string) error {
 	sy := &rep.Sync
-	var hasTable bool
+	// The records' table as the relay finds it (relay/preflight.go,
+	// findStateTables): on the search_path, else in the outbox table's
+	// schema, else wherever it is; a search_path without its schema does
+	// not hide it.
+	var confirmedSchema *string
 	err := pool.QueryRow(ctx, `SELECT
 			(SELECT r.sync_state FROM pg_stat_replication r
 				JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1),
 			current_setting('synchronous_standby_names'),
-			to_regclass('outbox_relay_confirmed') IS NOT NULL`, rep.Slot.Name).
-		Scan(&sy.State, &sy.SynchronousStandbyNames, &hasTable)
+			(SELECT n.nspname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+				WHERE c.relname = 'outbox_relay_confirmed' AND c.relkind IN ('r', 'p')
+				ORDER BY c.oid = to_regclass('outbox_relay_confirmed') DESC NULLS LAST, n.nspname = $2 DESC, n.nspname
+				LIMIT 1)`, rep.Slot.Name, schema).
+		Scan(&sy.State, &sy.SynchronousStandbyNames, &confirmedSchema)
 	if err != nil {
 		return fmt.Errorf("read pg_stat_replication: %w", err)
 	}
-	if hasTable {
+	if confirmedSchema != nil {
 		var n int64
-		if err := pool.QueryRow(ctx, `SELECT count(*) FROM outbox_relay_confirmed WHERE slot_name = $1`,
+		table := pgx.Identifier{*confirmedSchema, "outbox_relay_confirmed"}.Sanitize()
+		if err := pool.QueryRow(ctx, `SELECT count(*) FROM `+table+` WHERE slot_name = $1`,
 			rep.Slot.Name).Scan(&n); err != nil {
 			return fmt.Errorf("count outbox_relay_confirmed: %w", err)
 		}
