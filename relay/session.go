@@ -62,12 +62,15 @@ type session struct {
 	// prompt: commits may wait for the relay (it is a synchronous standby
 	// candidate, or RELAY_SYNC_PUBLISH): the reader answers as soon as the
 	// done position moves, not on the status interval (promptStatus).
-	prompt   atomic.Bool
-	syncMu   sync.Mutex    // serializes applySync
-	started  chan struct{} // closed once streaming
-	progress chan struct{} // the marker finished events (capacity 1)
-	sentPos  pglogrepl.LSN // the reader's last status: position and time
-	sentAt   time.Time
+	prompt  atomic.Bool
+	syncMu  sync.Mutex    // serializes applySync
+	started chan struct{} // closed once streaming
+	// ownerLost: the ownership lock's connection ended while streaming
+	// (watchOwner); the reader ends the stream.
+	ownerLost atomic.Bool
+	progress  chan struct{} // the marker finished events (capacity 1)
+	sentPos   pglogrepl.LSN // the reader's last status: position and time
+	sentAt    time.Time
 
 	// The step-aside guard (syncstate.go, checkStall): while the relay is
 	// an unintended synchronous standby and another candidate exists.
@@ -215,18 +218,37 @@ func (r *Relay) session(ctx context.Context) error {
 	if r.cfg.HeartbeatInterval > 0 {
 		g.Go(func() error { return s.heartbeat(ctx, gctx) })
 	}
-	g.Go(func() error {
-		select {
-		case <-own.Lost():
-			return fmt.Errorf("%w: the connection holding the slot's ownership lock ended", errDatabase)
-		case <-gctx.Done():
-		case <-s.drained:
-		}
-		return nil
-	})
+	g.Go(func() error { return s.watchOwner(gctx, own) })
 	err = g.Wait()
 	s.carryConfirmed()
 	return err
+}
+
+// errOwnerLost ends a session whose ownership lock may be gone.
+var errOwnerLost = fmt.Errorf("%w: the connection holding the slot's ownership lock ended", errDatabase)
+
+// watchOwner ends the session when the ownership lock may be gone. Before
+// streaming (slot creation, the sweep) at once: a standby may now take the
+// lock, see the slot inactive and sweep it. Once streaming, the slot stays
+// active with this session's walsender, so no other relay can take it: the
+// stream ends like any failed stream, and what is in flight is given its
+// moment to be confirmed and marked rather than published again.
+func (s *session) watchOwner(ctx context.Context, own *owner) error {
+	select {
+	case <-own.Lost():
+	case <-ctx.Done():
+		return nil
+	case <-s.drained:
+		return nil
+	}
+	select {
+	case <-s.started:
+	default:
+		return errOwnerLost
+	}
+	s.ownerLost.Store(true)
+	s.conn.Interrupt() // wake the receive; the reader then sees ownerLost
+	return nil
 }
 
 // carryConfirmed hands the events the broker confirmed but nobody marked
@@ -326,6 +348,9 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 	for {
 		if soft.Err() != nil {
 			return errStopping
+		}
+		if s.ownerLost.Load() {
+			return errOwnerLost
 		}
 		if ctx.Err() != nil {
 			return ctx.Err()
