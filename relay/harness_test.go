@@ -334,6 +334,42 @@ func (e *env) slotPast(lsn string) bool {
 	return ok != nil && *ok
 }
 
+// waitPublishingStops waits until count has stood still for rounds checks
+// 200 ms apart (and, with nonzero, is above zero): the relay has read what
+// it may while the broker confirms nothing.
+func (e *env) waitPublishingStops(count func() int, rounds int, nonzero bool) {
+	e.t.Helper()
+	last, still := -1, 0
+	waitFor(e.t, 90*time.Second, "the relay to stop publishing", func() bool {
+		time.Sleep(200 * time.Millisecond)
+		now := count()
+		if now == last && (now > 0 || !nonzero) {
+			still++
+		} else {
+			last, still = now, 0
+		}
+		return still >= rounds
+	})
+}
+
+// checkReceivedInOrder waits for every row to be marked and every id to
+// arrive, then checks that exactly ids arrived, in that order.
+func (e *env) checkReceivedInOrder(ids []string) {
+	e.t.Helper()
+	waitFor(e.t, 2*time.Minute, "all rows marked", func() bool { return e.unpublished() == 0 })
+	e.waitReceived(len(ids), time.Minute)
+	time.Sleep(200 * time.Millisecond) // a duplicate would be right behind
+	got := e.receivedIDs()
+	if len(got) != len(ids) {
+		e.t.Fatalf("received %d messages, want %d", len(got), len(ids))
+	}
+	for i, id := range ids {
+		if got[i] != id {
+			e.t.Fatalf("message %d is %s, want %s", i, got[i], id)
+		}
+	}
+}
+
 // bindOnly rebinds the test's queue to the relay's exchange with pattern
 // alone, so that other routing keys are unroutable, and returns the
 // channel for further bindings.

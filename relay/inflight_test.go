@@ -82,18 +82,7 @@ func TestLargePayloadsBehindHeldConfirmsBoundedHeap(t *testing.T) {
 	})
 
 	close(g.open)
-	waitFor(t, 2*time.Minute, "all rows marked", func() bool { return e.unpublished() == 0 })
-	e.waitReceived(n, time.Minute)
-	time.Sleep(200 * time.Millisecond) // a duplicate would be right behind
-	got := e.receivedIDs()
-	if len(got) != n {
-		t.Fatalf("received %d messages, want %d", len(got), n)
-	}
-	for i, id := range ids {
-		if got[i] != id {
-			t.Fatalf("message %d is %s, want %s", i, got[i], id)
-		}
-	}
+	e.checkReceivedInOrder(ids)
 	r.stop(t)
 }
 
