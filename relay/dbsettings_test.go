@@ -29,11 +29,10 @@ func (e *env) strictDBA(settings map[string]string) {
 		_, err := e.pool.Exec(ctx, `ALTER DATABASE `+pgx.Identifier{db}.Sanitize()+` SET `+k+` = '`+v+`'`)
 		must(e.t, err)
 	}
+	// The application's own settings, whatever the DBA set.
 	pc, err := pgxpool.ParseConfig(e.dbURL)
 	must(e.t, err)
-	for k := range settings {
-		pc.ConnConfig.RuntimeParams[k] = "default"
-	}
+	pc.ConnConfig.RuntimeParams["search_path"] = "public"
 	pc.ConnConfig.RuntimeParams["statement_timeout"] = "0"
 	pc.ConnConfig.RuntimeParams["idle_in_transaction_session_timeout"] = "0"
 	pc.ConnConfig.RuntimeParams["lock_timeout"] = "0"

@@ -18,31 +18,6 @@ import (
 	relaystatus "github.com/outbox-relay/outbox-relay/status"
 )
 
-// appSearchPath sets search_path on the test's database for every session
-// that does not set its own, as a DBA might, and gives the test (the
-// application) a pool that names its schema.
-func (e *env) appSearchPath(path string) {
-	e.t.Helper()
-	ctx := context.Background()
-	var db string
-	must(e.t, e.pool.QueryRow(ctx, `SELECT current_database()`).Scan(&db))
-	_, err := e.pool.Exec(ctx, `ALTER DATABASE `+pgx.Identifier{db}.Sanitize()+` SET search_path = '`+path+`'`)
-	must(e.t, err)
-	pc, err := pgxpool.ParseConfig(e.dbURL)
-	must(e.t, err)
-	pc.ConnConfig.RuntimeParams["search_path"] = "public"
-	pool, err := pgxpool.NewWithConfig(ctx, pc)
-	must(e.t, err)
-	e.pool.Close()
-	e.pool = pool
-	e.t.Cleanup(pool.Close)
-	e.t.Cleanup(func() {
-		if _, err := pool.Exec(context.Background(), `ALTER DATABASE `+pgx.Identifier{db}.Sanitize()+` RESET ALL`); err != nil {
-			e.t.Errorf("reset the database's settings: %v", err)
-		}
-	})
-}
-
 // checkOnceInOrder asserts that every event arrived exactly once, in the
 // order given, and that every row is marked.
 func (e *env) checkOnceInOrder(want []event) {
@@ -67,7 +42,7 @@ func (e *env) checkOnceInOrder(want []event) {
 // and its new events delivered in order and marked.
 func TestSearchPathWithoutPublic(t *testing.T) {
 	e := newEnv(t)
-	e.appSearchPath("nowhere")
+	e.strictDBA(map[string]string{"search_path": "nowhere"})
 	var backlog []event
 	for i := 0; i < 20; i++ {
 		backlog = append(backlog, newEvent("order", "created", fmt.Sprintf(`{"i":%d}`, i)))
