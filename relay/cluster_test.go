@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // pgCluster is a PostgreSQL primary with a streaming standby of the test's
@@ -113,4 +114,20 @@ func freePorts(t *testing.T, n int) []int {
 		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
 	}
 	return ports
+}
+
+// syncWorld is a cluster of our own with the test's outbox database (e)
+// and another database, otherdb, with a table other_writes to commit to, and
+// a pool on it: commits elsewhere in the cluster, which a synchronous
+// standby gates too.
+func syncWorld(t *testing.T) (*pgCluster, *env, *pgxpool.Pool) {
+	t.Helper()
+	c := startCluster(t)
+	c.sql("postgres", `CREATE DATABASE outbox`, `CREATE DATABASE otherdb`)
+	c.sql("otherdb", `CREATE TABLE other_writes (id bigserial PRIMARY KEY, v text)`)
+	e := newEnvAt(t, c.url("outbox"))
+	otherDB, err := pgxpool.New(context.Background(), c.url("otherdb"))
+	must(t, err)
+	t.Cleanup(otherDB.Close)
+	return c, e, otherDB
 }

@@ -196,10 +196,7 @@ func describe(ds []time.Duration) string {
 // within 100 ms of a run without the relay's walsender.
 func TestSyncStandbyStarCommitsDoNotWaitOnRelay(t *testing.T) {
 	testenv.Integration(t)
-	c := startCluster(t)
-	c.sql("postgres", `CREATE DATABASE outbox`, `CREATE DATABASE otherdb`)
-	c.sql("otherdb", `CREATE TABLE other_writes (id bigserial PRIMARY KEY, v text)`)
-	e := newEnvAt(t, c.url("outbox"))
+	c, e, otherDB := syncWorld(t)
 	e.keep = false
 	// The default interval: without prompt replies, commits elsewhere in
 	// the cluster would wait up to this for the relay's flush report.
@@ -207,9 +204,6 @@ func TestSyncStandbyStarCommitsDoNotWaitOnRelay(t *testing.T) {
 	e.cfg.MarkDelay = 20 * time.Millisecond
 
 	ctx := context.Background()
-	otherDB, err := pgxpool.New(ctx, c.url("otherdb"))
-	must(t, err)
-	t.Cleanup(otherDB.Close)
 
 	c.sql("postgres", `ALTER SYSTEM SET synchronous_standby_names = '*'`, `SELECT pg_reload_conf()`)
 	waitFor(t, 15*time.Second, "standby1 to become the synchronous standby", func() bool {
@@ -469,10 +463,7 @@ func TestReplaySkipsRecordedRows(t *testing.T) {
 // not asserted: this machine's 2 cores are shared.
 func TestSyncPublishCommitLatency(t *testing.T) {
 	testenv.Integration(t)
-	c := startCluster(t)
-	c.sql("postgres", `CREATE DATABASE outbox`, `CREATE DATABASE otherdb`)
-	c.sql("otherdb", `CREATE TABLE other_writes (id bigserial PRIMARY KEY, v text)`)
-	e := newEnvAt(t, c.url("outbox"))
+	c, e, _ := syncWorld(t)
 	e.keep = false
 	e.cfg.StatusInterval = time.Second
 	e.cfg.MarkDelay = 20 * time.Millisecond
@@ -569,14 +560,8 @@ func TestSyncPublishCommitLatency(t *testing.T) {
 // marks everything.
 func TestSyncStandbyStepsAsideWhenTheBrokerStalls(t *testing.T) {
 	testenv.Integration(t)
-	c := startCluster(t)
-	c.sql("postgres", `CREATE DATABASE outbox`, `CREATE DATABASE otherdb`)
-	c.sql("otherdb", `CREATE TABLE other_writes (id bigserial PRIMARY KEY, v text)`)
-	e := newEnvAt(t, c.url("outbox"))
+	c, e, otherDB := syncWorld(t)
 	ctx := context.Background()
-	otherDB, err := pgxpool.New(ctx, c.url("otherdb"))
-	must(t, err)
-	t.Cleanup(otherDB.Close)
 	c.sql("postgres", `ALTER SYSTEM SET synchronous_standby_names = '*'`, `SELECT pg_reload_conf()`)
 	waitFor(t, 15*time.Second, "standby1 to become the synchronous standby", func() bool {
 		return c.syncStates()["standby1"] == "sync"
@@ -664,20 +649,13 @@ func TestSyncStandbyStepsAsideWhenTheBrokerStalls(t *testing.T) {
 // not hang when it is.
 func TestSyncStandbyUnderLeastPrivilege(t *testing.T) {
 	testenv.Integration(t)
-	c := startCluster(t)
-	c.sql("postgres", `CREATE DATABASE outbox`, `CREATE DATABASE otherdb`)
-	c.sql("otherdb", `CREATE TABLE other_writes (id bigserial PRIMARY KEY, v text)`)
-	e := newEnvAt(t, c.url("outbox"))
+	c, e, otherDB := syncWorld(t)
 	e.keep = false
 	c.sql("outbox", `CREATE ROLE outbox_relay_lp LOGIN REPLICATION`,
 		`GRANT SELECT, UPDATE (published_at) ON outbox_events TO outbox_relay_lp`,
 		`GRANT SELECT, INSERT, UPDATE ON outbox_relay_slot_state TO outbox_relay_lp`,
 		`GRANT SELECT, INSERT, DELETE ON outbox_relay_confirmed TO outbox_relay_lp`)
 	e.dbURL = strings.Replace(c.url("outbox"), "postgres@", "outbox_relay_lp@", 1) // the relay's connections only
-	ctx := context.Background()
-	otherDB, err := pgxpool.New(ctx, c.url("otherdb"))
-	must(t, err)
-	t.Cleanup(otherDB.Close)
 	c.sql("postgres", `ALTER SYSTEM SET synchronous_standby_names = '*'`, `SELECT pg_reload_conf()`)
 	waitFor(t, 15*time.Second, "standby1 to become the synchronous standby", func() bool {
 		return c.syncStates()["standby1"] == "sync"
