@@ -341,3 +341,40 @@ func TestSweepTakesPre004RowsFirst(t *testing.T) {
 	waitFor(t, 10*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
 	r.stop(t)
 }
+
+// TestLosingTheOwnerLockMidSweep (invariants 10, 2): when the ownership
+// lock's session ends during the table sweep, a standby could now take the
+// lock and sweep the inactive slot, so the session ends at once, without
+// recording the sweep as done; the next one sweeps again and nothing is
+// lost.
+func TestLosingTheOwnerLockMidSweep(t *testing.T) {
+	e := newEnv(t)
+	e.keep = false
+	const n = 2000
+	_, err := e.pool.Exec(context.Background(), `INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, payload)
+		SELECT gen_random_uuid(), 'legacy', gen_random_uuid(), 'imported', '{}' FROM generate_series(1, $1)`, n)
+	must(t, err)
+	r := e.start(func(p sink.Publisher) sink.Publisher { return slowed{p, 2 * time.Millisecond} })
+	waitFor(t, 20*time.Second, "the sweep to start", func() bool { return e.receivedCount() > 0 })
+	var ended bool
+	must(t, e.pool.QueryRow(context.Background(), `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+		WHERE application_name = $1 AND datname = current_database()`, ownerApplicationName).Scan(&ended))
+	if got := e.receivedCount(); got >= n || !ended {
+		t.Fatalf("lock session ended %v with %d of %d swept: the test proves nothing", ended, got, n)
+	}
+	waitFor(t, 10*time.Second, "the session to end", func() bool {
+		return testutil.ToFloat64(r.metrics.Reconnects.WithLabelValues("postgres")) > 0
+	})
+	r.waitStreaming(t)
+	waitFor(t, 60*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
+	r.stop(t)
+	e.mu.Lock()
+	distinct := len(e.ids)
+	e.mu.Unlock()
+	if distinct != n {
+		t.Fatalf("%d distinct events received, want %d", distinct, n)
+	}
+	if e.sweepPendingState() {
+		t.Fatal("the sweep is still recorded as pending")
+	}
+}
