@@ -231,20 +231,28 @@ func (w *world) startRelay(extra ...string) *relayProc {
 		close(p.exited)
 	}()
 	w.t.Cleanup(func() {
+		logs := out.String()
+		dump := ""
 		if p.alive() {
 			if w.t.Failed() {
-				// A goroutine dump in the log shows where a stuck relay waits.
+				// A goroutine dump shows where a stuck relay waits. It is
+				// printed apart from the log, which it would otherwise push
+				// out of the tail.
 				_ = p.cmd.Process.Signal(syscall.SIGQUIT)
 				select {
 				case <-p.exited:
 				case <-time.After(2 * time.Second):
 				}
+				dump = strings.TrimPrefix(out.String(), logs)
 			}
 			_ = p.cmd.Process.Kill()
 			<-p.exited
 		}
 		if w.t.Failed() {
-			w.t.Logf("relay output:\n%s", tail(out.String(), 30000))
+			w.t.Logf("relay output:\n%s", tail(logs, 30000))
+			if dump != "" {
+				w.t.Logf("relay goroutines at the end:\n%s", tail(dump, 20000))
+			}
 		}
 	})
 	return p

@@ -16,12 +16,18 @@ import (
 func (s *session) mark(ctx context.Context) error {
 	defer close(s.drained)
 	if err := s.startRecorded(ctx); err != nil {
+		if ctx.Err() == nil {
+			return s.carryRest(ctx, nil, err)
+		}
 		return err
 	}
 	max := s.r.cfg.MarkBatchSize
 	batch := make([]*item, 0, max)
 	for {
 		it, ok, err := s.nextConfirmed(ctx)
+		if err != nil && ctx.Err() == nil {
+			return s.carryRest(ctx, nil, err)
+		}
 		if err != nil || !ok {
 			return err
 		}
@@ -73,17 +79,34 @@ func (s *session) mark(ctx context.Context) error {
 			timer.Stop()
 		}
 		if err := s.markBatch(ctx, batch); err != nil {
-			s.unmarked = batch // carried over once the session has stopped
-			return err
+			return s.carryRest(ctx, batch, err)
 		}
 		// Completing recorded events is off the commits' path: do it when
 		// no confirmed event waits, or at least every completeAtLeast.
 		if len(s.confirmed) == 0 || time.Since(s.lastComplete) >= completeAtLeast {
 			if err := s.completeRecorded(ctx, false); err != nil {
-				return err
+				return s.carryRest(ctx, nil, err)
 			}
 		}
 	}
+}
+
+// carryRest ends the marker after a failure on the database's side (a
+// connection cut, a timeout) while the broker may be fine: the session
+// halts, and the events still in flight are confirmed and carried to the
+// next session with the batch that failed, instead of being abandoned and
+// published again. It returns when the confirmer has stopped.
+func (s *session) carryRest(ctx context.Context, batch []*item, err error) error {
+	s.halt(err)
+	for {
+		it, ok, rerr := recv(ctx, s.confirmed)
+		if rerr != nil || !ok {
+			break
+		}
+		batch = append(batch, it)
+	}
+	s.unmarked = batch // carried over once the session has stopped
+	return err
 }
 
 // nextConfirmed is recv on the confirmed channel; while recorded events

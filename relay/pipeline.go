@@ -75,7 +75,10 @@ func (s *session) publish(ctx context.Context) error {
 				return err
 			}
 			if err := s.filterPublished(ctx, batch); err != nil {
-				return err
+				// Nothing of this batch is published yet: it is replayed.
+				// What is already published is left to be confirmed.
+				s.halt(err)
+				return s.discard(ctx, batch)
 			}
 		}
 		for _, it := range batch {
@@ -98,6 +101,22 @@ func (s *session) publish(ctx context.Context) error {
 				return err
 			}
 		}
+	}
+}
+
+// discard drops the unpublished items of a halted session until the
+// reader stops: the next session reads them again. Their bytes go back to
+// the budget, which the reader may be waiting on.
+func (s *session) discard(ctx context.Context, batch []*item) error {
+	for _, it := range batch {
+		s.inflight.release(it.bytes)
+	}
+	for {
+		it, ok, err := recv(ctx, s.items)
+		if err != nil || !ok {
+			return err
+		}
+		s.inflight.release(it.bytes)
 	}
 }
 

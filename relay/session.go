@@ -65,12 +65,18 @@ type session struct {
 	prompt  atomic.Bool
 	syncMu  sync.Mutex    // serializes applySync
 	started chan struct{} // closed once streaming
-	// ownerLost: the ownership lock's connection ended while streaming
-	// (watchOwner); the reader ends the stream.
-	ownerLost atomic.Bool
-	progress  chan struct{} // the marker finished events (capacity 1)
-	sentPos   pglogrepl.LSN // the reader's last status: position and time
-	sentAt    time.Time
+	// halted: a stage failed on the database's side (the marker, the
+	// replay filter) or the ownership lock's connection ended while
+	// streaming. The broker may be fine, so the pipeline is not cancelled:
+	// the reader stops reading, and what was published is confirmed and
+	// carried to the next session instead of being published again (halt).
+	// The reader still bounds the wait (5 s), as for a failed stream.
+	halted   chan struct{}
+	haltOne  sync.Once
+	haltErr  error         // set before halted is closed
+	progress chan struct{} // the marker finished events (capacity 1)
+	sentPos  pglogrepl.LSN // the reader's last status: position and time
+	sentAt   time.Time
 
 	// The step-aside guard (syncstate.go, checkStall): while the relay is
 	// an unintended synchronous standby and another candidate exists.
@@ -187,6 +193,7 @@ func (r *Relay) session(ctx context.Context) error {
 		drained:   make(chan struct{}),
 		inflight:  newBudget(int64(r.cfg.MaxInflightBytes)),
 		started:   make(chan struct{}),
+		halted:    make(chan struct{}),
 		progress:  make(chan struct{}, 1),
 		filtering: true,
 		retry:     newBackoff(r.cfg.BackoffMin, r.cfg.BackoffMax),
@@ -246,9 +253,30 @@ func (s *session) watchOwner(ctx context.Context, own *owner) error {
 	default:
 		return errOwnerLost
 	}
-	s.ownerLost.Store(true)
-	s.conn.Interrupt() // wake the receive; the reader then sees ownerLost
+	s.halt(errOwnerLost)
 	return nil
+}
+
+// halt ends the session without cancelling its pipeline (see halted). The
+// first error wins; the reader returns it.
+func (s *session) halt(err error) {
+	s.haltOne.Do(func() {
+		s.haltErr = err
+		close(s.halted)
+		if s.conn != nil {
+			s.conn.Interrupt() // wake the receive; the reader then sees halted
+		}
+	})
+}
+
+// haltedWith returns the halt's error, or nil while the session runs.
+func (s *session) haltedWith() error {
+	select {
+	case <-s.halted:
+		return s.haltErr
+	default:
+		return nil
+	}
 }
 
 // carryConfirmed hands the events the broker confirmed but nobody marked
@@ -349,8 +377,8 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 		if soft.Err() != nil {
 			return errStopping
 		}
-		if s.ownerLost.Load() {
-			return errOwnerLost
+		if err := s.haltedWith(); err != nil {
+			return err
 		}
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -466,6 +494,9 @@ func (s *session) stream(soft, ctx context.Context, sweep pgx.Tx) error {
 // never trips wal_sender_timeout; nextStatus is nil before streaming starts
 // (the table sweep), when there is no stream to keep alive.
 func (s *session) send(ctx context.Context, it *item, nextStatus *time.Time) error {
+	if err := s.haltedWith(); err != nil {
+		return err
+	}
 	it.bytes = eventBytes(&it.ev)
 	acquired, room := s.inflight.acquire(it.bytes)
 	if acquired {
@@ -513,6 +544,9 @@ func (s *session) send(ctx context.Context, it *item, nextStatus *time.Time) err
 			if err := s.promptStatus(time.Now(), nextStatus); err != nil {
 				return err
 			}
+		case <-s.halted:
+			stopTimer(t)
+			return s.haltErr
 		case <-ctx.Done():
 			stopTimer(t)
 			return ctx.Err()
