@@ -88,6 +88,7 @@ func (e *env) testSession() *session {
 	must(e.t, err)
 	r := &Relay{opt: Options{Config: e.cfg, Pool: e.pool}, cfg: e.cfg, log: zerolog.New(zerolog.NewTestWriter(e.t)),
 		m: metrics.New(), key: key, schema: "public", table: "outbox_events", tableIdent: `"public"."outbox_events"`}
+	r.db = r
 	return &session{r: r, log: r.log, tracker: checkpoint.New(0)}
 }
 

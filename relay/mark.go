@@ -141,7 +141,7 @@ func (s *session) markBatch(ctx context.Context, batch []*item) error {
 			ids = append(ids, it.ev.ID)
 		}
 	}
-	bo := newBackoff(time.Millisecond, 500*time.Millisecond)
+	bo := s.r.newBackoff(time.Millisecond, 500*time.Millisecond)
 	started := time.Now()
 	warned, checked := false, false
 	for attempt := 0; len(ids) > 0; attempt++ {
@@ -153,7 +153,7 @@ func (s *session) markBatch(ctx context.Context, batch []*item) error {
 			// until it acknowledges. Mark and record in one round trip.
 			marked, err = s.markOrRecord(ctx, ids, batch)
 		} else {
-			marked, err = s.r.markRows(ctx, ids)
+			marked, err = s.r.db.markRows(ctx, ids)
 		}
 		if err != nil {
 			return err
@@ -166,7 +166,7 @@ func (s *session) markBatch(ctx context.Context, batch []*item) error {
 		// Rows the UPDATE did not reach are already marked (a replay, or
 		// the table sweep), not yet visible (invariant 5: the walsender can
 		// send a commit before it is visible), or deleted.
-		already, err := s.r.publishedRows(ctx, ids)
+		already, err := s.r.db.publishedRows(ctx, ids)
 		if err != nil {
 			return err
 		}
@@ -260,42 +260,9 @@ func (s *session) markOrRecord(ctx context.Context, ids []string, batch []*item)
 			delete(want, it.ev.ID)
 		}
 	}
-	// One snapshot: a row is marked if visible, and recorded only if its
-	// transaction is not; a row that becomes visible after the statement is
-	// marked by completeRecorded.
-	q := `WITH cur AS (SELECT pg_current_snapshot() AS snap,
-			pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax),
-		marked AS (UPDATE ` + s.r.tableIdent + ` SET published_at = now()
-			WHERE id = ANY($2::uuid[]) AND published_at IS NULL RETURNING id),
-		x AS (SELECT u.id, ` + widenXid("u.xid") + ` AS xid, cur.snap
-			FROM unnest($3::uuid[], $4::bigint[]) AS u(id, xid), cur),
-		rec AS (INSERT INTO ` + s.r.stateTable(confirmedTable) + ` (slot_name, id, xid)
-			SELECT $1, x.id, x.xid FROM x WHERE NOT pg_visible_in_snapshot(x.xid, x.snap)
-			ON CONFLICT (slot_name, id) DO NOTHING RETURNING id)
-		SELECT id::text, false FROM marked UNION ALL SELECT id::text, true FROM rec`
-	qctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
-	defer cancel()
-	rows, err := s.r.opt.Pool.Query(qctx, q, s.r.cfg.Slot, ids, rid, xids)
+	done, recorded, err := s.r.db.markOrRecord(ctx, ids, rid, xids)
 	if err != nil {
-		return nil, classifyPg(fmt.Errorf("mark rows published or record them (outbox_relay_confirmed): %w", err))
-	}
-	done := make([]string, 0, len(ids))
-	recorded := 0
-	for rows.Next() {
-		var id string
-		var rec bool
-		if err := rows.Scan(&id, &rec); err != nil {
-			rows.Close()
-			return nil, classifyPg(fmt.Errorf("mark rows published or record them: %w", err))
-		}
-		done = append(done, id)
-		if rec {
-			recorded++
-		}
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return nil, classifyPg(fmt.Errorf("mark rows published or record them: %w", err))
+		return nil, err
 	}
 	if recorded > 0 {
 		s.records += recorded
@@ -303,6 +270,47 @@ func (s *session) markOrRecord(ctx context.Context, ids []string, batch []*item)
 		s.r.m.EventsRecorded.Add(float64(recorded))
 	}
 	return done, nil
+}
+
+// markOrRecord is the marker's statement while commits may wait for the
+// relay. One snapshot: a row is marked if visible, and recorded only if its
+// transaction is not; a row that becomes visible after the statement is
+// marked by completeRecorded.
+func (r *Relay) markOrRecord(ctx context.Context, ids, recIDs []string, xids []int64) ([]string, int, error) {
+	q := `WITH cur AS (SELECT pg_current_snapshot() AS snap,
+			pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax),
+		marked AS (UPDATE ` + r.tableIdent + ` SET published_at = now()
+			WHERE id = ANY($2::uuid[]) AND published_at IS NULL RETURNING id),
+		x AS (SELECT u.id, ` + widenXid("u.xid") + ` AS xid, cur.snap
+			FROM unnest($3::uuid[], $4::bigint[]) AS u(id, xid), cur),
+		rec AS (INSERT INTO ` + r.stateTable(confirmedTable) + ` (slot_name, id, xid)
+			SELECT $1, x.id, x.xid FROM x WHERE NOT pg_visible_in_snapshot(x.xid, x.snap)
+			ON CONFLICT (slot_name, id) DO NOTHING RETURNING id)
+		SELECT id::text, false FROM marked UNION ALL SELECT id::text, true FROM rec`
+	qctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
+	defer cancel()
+	rows, err := r.opt.Pool.Query(qctx, q, r.cfg.Slot, ids, recIDs, xids)
+	if err != nil {
+		return nil, 0, classifyPg(fmt.Errorf("mark rows published or record them (outbox_relay_confirmed): %w", err))
+	}
+	defer rows.Close()
+	done := make([]string, 0, len(ids))
+	recorded := 0
+	for rows.Next() {
+		var id string
+		var rec bool
+		if err := rows.Scan(&id, &rec); err != nil {
+			return nil, 0, classifyPg(fmt.Errorf("mark rows published or record them: %w", err))
+		}
+		done = append(done, id)
+		if rec {
+			recorded++
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return nil, 0, classifyPg(fmt.Errorf("mark rows published or record them: %w", err))
+	}
+	return done, recorded, nil
 }
 
 // completeEvery is how often recorded events are completed while events
@@ -316,17 +324,9 @@ const completeAtLeast = 200 * time.Millisecond
 // startRecorded counts the events an earlier session recorded and not yet
 // marked, and completes those that can be.
 func (s *session) startRecorded(ctx context.Context) error {
-	qctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
-	defer cancel()
-	var n int
-	err := s.r.opt.Pool.QueryRow(qctx, `SELECT count(*) FROM `+s.r.stateTable(confirmedTable)+` WHERE slot_name = $1`, s.r.cfg.Slot).Scan(&n)
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) && pgErr.Code == pgerrcode.UndefinedTable {
-		return fmt.Errorf("%w: table outbox_relay_confirmed does not exist: run `outbox-relay migrate` (migration 005): %w",
-			ErrMisconfigured, err)
-	}
+	n, err := s.r.db.countRecorded(ctx)
 	if err != nil {
-		return classifyPg(fmt.Errorf("read outbox_relay_confirmed: %w", err))
+		return err
 	}
 	s.records = n
 	s.completeWait = completeEvery
@@ -347,43 +347,10 @@ func (s *session) completeRecorded(ctx context.Context, force bool) error {
 		return nil
 	}
 	s.lastComplete = time.Now()
-	t := s.r.tableIdent
-	q := `WITH marked AS (
-			UPDATE ` + t + ` o SET published_at = now()
-			FROM ` + s.r.stateTable(confirmedTable) + ` c
-			WHERE c.slot_name = $1 AND o.id = c.id AND o.published_at IS NULL
-			RETURNING o.id)
-		DELETE FROM ` + s.r.stateTable(confirmedTable) + ` c
-		WHERE c.slot_name = $1 AND (
-			c.id IN (SELECT id FROM marked)
-			OR EXISTS (SELECT 1 FROM ` + t + ` o WHERE o.id = c.id AND o.published_at IS NOT NULL)
-			OR (pg_visible_in_snapshot(c.xid, pg_current_snapshot())
-				AND NOT EXISTS (SELECT 1 FROM ` + t + ` o WHERE o.id = c.id)))
-		RETURNING c.id::text, NOT EXISTS (SELECT 1 FROM ` + t + ` o WHERE o.id = c.id)`
-	qctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
-	defer cancel()
 	t0 := time.Now()
-	rows, err := s.r.opt.Pool.Query(qctx, q, s.r.cfg.Slot)
+	n, gone, err := s.r.db.completeRecorded(ctx)
 	if err != nil {
-		return classifyPg(fmt.Errorf("mark recorded events: %w", err))
-	}
-	var gone []string
-	n := 0
-	for rows.Next() {
-		var id string
-		var isGone bool
-		if err := rows.Scan(&id, &isGone); err != nil {
-			rows.Close()
-			return classifyPg(fmt.Errorf("mark recorded events: %w", err))
-		}
-		n++
-		if isGone {
-			gone = append(gone, id)
-		}
-	}
-	rows.Close()
-	if err := rows.Err(); err != nil {
-		return classifyPg(fmt.Errorf("mark recorded events: %w", err))
+		return err
 	}
 	s.r.m.MarkSeconds.Observe(time.Since(t0).Seconds())
 	if len(gone) > 0 {
@@ -391,6 +358,67 @@ func (s *session) completeRecorded(ctx context.Context, force bool) error {
 	}
 	s.records = max(0, s.records-n)
 	return nil
+}
+
+// countRecorded counts this slot's records in outbox_relay_confirmed.
+func (r *Relay) countRecorded(ctx context.Context) (int, error) {
+	qctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
+	defer cancel()
+	var n int
+	err := r.opt.Pool.QueryRow(qctx, `SELECT count(*) FROM `+r.stateTable(confirmedTable)+` WHERE slot_name = $1`, r.cfg.Slot).Scan(&n)
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == pgerrcode.UndefinedTable {
+		return 0, fmt.Errorf("%w: table outbox_relay_confirmed does not exist: run `outbox-relay migrate` (migration 005): %w",
+			ErrMisconfigured, err)
+	}
+	if err != nil {
+		return 0, classifyPg(fmt.Errorf("read outbox_relay_confirmed: %w", err))
+	}
+	return n, nil
+}
+
+// completeRecorded marks the recorded rows now visible and deletes their
+// records, in one statement: at every moment an id is either recorded or
+// marked. Records of rows known gone (their transaction is visible, their
+// row is not there: deleted) are deleted too, and returned in gone.
+func (r *Relay) completeRecorded(ctx context.Context) (int, []string, error) {
+	t := r.tableIdent
+	q := `WITH marked AS (
+			UPDATE ` + t + ` o SET published_at = now()
+			FROM ` + r.stateTable(confirmedTable) + ` c
+			WHERE c.slot_name = $1 AND o.id = c.id AND o.published_at IS NULL
+			RETURNING o.id)
+		DELETE FROM ` + r.stateTable(confirmedTable) + ` c
+		WHERE c.slot_name = $1 AND (
+			c.id IN (SELECT id FROM marked)
+			OR EXISTS (SELECT 1 FROM ` + t + ` o WHERE o.id = c.id AND o.published_at IS NOT NULL)
+			OR (pg_visible_in_snapshot(c.xid, pg_current_snapshot())
+				AND NOT EXISTS (SELECT 1 FROM ` + t + ` o WHERE o.id = c.id)))
+		RETURNING c.id::text, NOT EXISTS (SELECT 1 FROM ` + t + ` o WHERE o.id = c.id)`
+	qctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
+	defer cancel()
+	rows, err := r.opt.Pool.Query(qctx, q, r.cfg.Slot)
+	if err != nil {
+		return 0, nil, classifyPg(fmt.Errorf("mark recorded events: %w", err))
+	}
+	defer rows.Close()
+	var gone []string
+	n := 0
+	for rows.Next() {
+		var id string
+		var isGone bool
+		if err := rows.Scan(&id, &isGone); err != nil {
+			return 0, nil, classifyPg(fmt.Errorf("mark recorded events: %w", err))
+		}
+		n++
+		if isGone {
+			gone = append(gone, id)
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return 0, nil, classifyPg(fmt.Errorf("mark recorded events: %w", err))
+	}
+	return n, gone, nil
 }
 
 // remove drops the ids in done from ids.
@@ -441,44 +469,86 @@ func (r *Relay) ids(ctx context.Context, what, q string, args ...any) ([]string,
 	return out, nil
 }
 
+// replayRows sorts the ids of replayed events: done (marked, or recorded
+// as confirmed for this slot) and gone (no longer in the table, and not
+// recorded).
+func (r *Relay) replayRows(ctx context.Context, ids []string) (done, gone []string, err error) {
+	q := `SELECT u.id::text, s.done, o.id IS NULL AND NOT s.done
+		FROM unnest($1::uuid[]) AS u(id)
+		LEFT JOIN ` + r.tableIdent + ` o ON o.id = u.id
+		CROSS JOIN LATERAL (SELECT COALESCE(o.published_at IS NOT NULL, false) OR EXISTS (
+			SELECT 1 FROM ` + r.stateTable(confirmedTable) + ` c WHERE c.slot_name = $2 AND c.id = u.id)) AS s(done)`
+	qctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
+	defer cancel()
+	rows, err := r.opt.Pool.Query(qctx, q, ids, r.cfg.Slot)
+	if err != nil {
+		return nil, nil, classifyPg(fmt.Errorf("read replayed rows: %w", err))
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var id string
+		var isDone, isGone bool
+		if err := rows.Scan(&id, &isDone, &isGone); err != nil {
+			return nil, nil, classifyPg(fmt.Errorf("read replayed rows: %w", err))
+		}
+		switch {
+		case isDone:
+			done = append(done, id)
+		case isGone:
+			gone = append(gone, id)
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return nil, nil, classifyPg(fmt.Errorf("read replayed rows: %w", err))
+	}
+	return done, gone, nil
+}
+
 // deletedRows returns the ids whose transaction is visible to a new
 // snapshot but whose row is not there: deleted after insert, so there is
 // nothing to mark. Rows of transactions not yet visible are kept waiting.
 func (s *session) deletedRows(ctx context.Context, ids []string, batch []*item) ([]string, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
-	defer cancel()
 	waiting := make(map[string]*item, len(batch))
 	for _, it := range batch {
 		waiting[it.ev.ID] = it
 	}
 	var gone []string
 	for _, id := range ids {
-		it := waiting[id]
-		visible := true
-		if it.xid != 0 {
-			// Widen the 32-bit xid with the epoch of the current snapshot.
-			err := s.r.opt.Pool.QueryRow(ctx, `
-				WITH cur AS (SELECT pg_current_snapshot() AS snap,
-					pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax)
-				SELECT pg_visible_in_snapshot(`+widenXid("$1::bigint")+`, cur.snap)
-				FROM cur`, int64(it.xid)).Scan(&visible)
-			if err != nil {
-				return nil, classifyPg(fmt.Errorf("check transaction visibility: %w", err))
-			}
-		}
-		if !visible {
-			continue
-		}
-		var exists bool
-		err := s.r.opt.Pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM `+s.r.tableIdent+` WHERE id = $1::uuid)`, id).Scan(&exists)
+		g, err := s.r.db.rowGone(ctx, id, waiting[id].xid)
 		if err != nil {
-			return nil, classifyPg(fmt.Errorf("check row exists: %w", err))
+			return nil, err
 		}
-		if !exists {
+		if g {
 			gone = append(gone, id)
 		}
 	}
 	return gone, nil
+}
+
+func (r *Relay) rowGone(ctx context.Context, id string, xid uint32) (bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
+	defer cancel()
+	if xid != 0 {
+		// Widen the 32-bit xid with the epoch of the current snapshot.
+		visible := true
+		err := r.opt.Pool.QueryRow(ctx, `
+			WITH cur AS (SELECT pg_current_snapshot() AS snap,
+				pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax)
+			SELECT pg_visible_in_snapshot(`+widenXid("$1::bigint")+`, cur.snap)
+			FROM cur`, int64(xid)).Scan(&visible)
+		if err != nil {
+			return false, classifyPg(fmt.Errorf("check transaction visibility: %w", err))
+		}
+		if !visible {
+			return false, nil
+		}
+	}
+	var exists bool
+	err := r.opt.Pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM `+r.tableIdent+` WHERE id = $1::uuid)`, id).Scan(&exists)
+	if err != nil {
+		return false, classifyPg(fmt.Errorf("check row exists: %w", err))
+	}
+	return !exists, nil
 }
 
 // filterPublished marks replayed items whose rows are already published as
@@ -496,7 +566,7 @@ func (s *session) filterPublished(ctx context.Context, batch []*item) error {
 	if len(ids) == 0 {
 		return nil
 	}
-	published, err := s.r.publishedRows(ctx, ids)
+	published, gone, err := s.r.db.replayRows(ctx, ids)
 	if err != nil {
 		return err
 	}
@@ -509,7 +579,22 @@ func (s *session) filterPublished(ctx context.Context, batch []*item) error {
 			it.skip = true
 		}
 	}
-	if _, lastDone := done[ids[len(ids)-1]]; !lastDone {
+	// The last row still in the table decides: a row deleted since says
+	// nothing of whether it was published (it is published again), and
+	// one deleted row ending a batch used to stop the filter, so that
+	// every marked row after it was published again (the simulator, seed
+	// 5382: 46 duplicates after one crash).
+	missing := make(map[string]struct{}, len(gone))
+	for _, id := range gone {
+		missing[id] = struct{}{}
+	}
+	last := ""
+	for i := len(ids) - 1; i >= 0 && last == ""; i-- {
+		if _, ok := missing[ids[i]]; !ok {
+			last = ids[i]
+		}
+	}
+	if _, lastDone := done[last]; last != "" && !lastDone {
 		s.filtering = false
 		if len(published) > 0 {
 			s.log.Info().Int("skipped", len(published)).Msg("replay: skipped events already marked published")

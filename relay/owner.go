@@ -37,7 +37,7 @@ type owner struct {
 
 // claim takes the slot's lock, or returns errStandby when another relay
 // holds it.
-func (r *Relay) claim(ctx context.Context) (*owner, error) {
+func (r *Relay) claim(ctx context.Context) (ownership, error) {
 	cfg := r.opt.Pool.Config().ConnConfig.Copy()
 	cfg.RuntimeParams["application_name"] = ownerApplicationName
 	// Ending the wait below is the release: close the socket at once rather

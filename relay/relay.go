@@ -61,12 +61,29 @@ type Relay struct {
 	heartbeatLSN atomic.Uint64
 	// syncLogged is the sync state last logged, so that it is said once.
 	syncLogged string
+
+	// db and connect are the engine's collaborators (seams.go): the
+	// Relay's own PostgreSQL methods and the replication connection,
+	// unless a simulation replaced them.
+	db      store
+	connect func(ctx context.Context) (stream, error)
+	// rand is the backoffs' jitter source; nil: math/rand/v2's.
+	rand func(n int64) int64
 }
 
 // New validates the wiring and returns a Relay.
 func New(opt Options) (*Relay, error) {
 	if opt.Config == nil || opt.Pool == nil || opt.Replication == nil || opt.NewPublisher == nil {
 		return nil, errors.New("relay: Config, Pool, Replication and NewPublisher are required")
+	}
+	return build(opt)
+}
+
+// build is New without the database: a simulation gives the Relay its own
+// store and stream (seams.go).
+func build(opt Options) (*Relay, error) {
+	if opt.Config == nil || opt.NewPublisher == nil {
+		return nil, errors.New("relay: Config and NewPublisher are required")
 	}
 	if opt.Metrics == nil {
 		opt.Metrics = metrics.New()
@@ -91,11 +108,13 @@ func New(opt Options) (*Relay, error) {
 	if err != nil {
 		return nil, fmt.Errorf("RELAY_TABLE: %w", err)
 	}
-	return &Relay{
+	r := &Relay{
 		opt: opt, cfg: opt.Config, log: opt.Log, m: opt.Metrics, key: key,
 		schema: schema, table: table, tableIdent: pgx.Identifier{schema, table}.Sanitize(),
 		confirmed: make(map[string]struct{}),
-	}, nil
+	}
+	r.db, r.connect = r, r.connectStream
+	return r, nil
 }
 
 // ErrMisconfigured marks failures that retrying cannot fix: the relay exits
@@ -110,7 +129,7 @@ var errStandby = errors.New("replication slot is in use by another process")
 // acknowledgement and returns nil. It returns an error only for a
 // misconfiguration found before the first session streamed.
 func (r *Relay) Run(ctx context.Context) error {
-	bo := newBackoff(r.cfg.BackoffMin, r.cfg.BackoffMax)
+	bo := r.newBackoff(r.cfg.BackoffMin, r.cfg.BackoffMax)
 	standby := false
 	for {
 		err := r.session(ctx)
@@ -200,12 +219,22 @@ func sleep(ctx context.Context, d time.Duration) bool {
 	}
 }
 
-// backoff is capped exponential backoff with full jitter.
+// backoff is capped exponential backoff with equal jitter: each wait is
+// between half and all of its step.
 type backoff struct {
 	min, max, cur time.Duration
+	rnd           func(n int64) int64 // [0, n)
 }
 
-func newBackoff(min, max time.Duration) *backoff { return &backoff{min: min, max: max} }
+// newBackoff draws its jitter from the Relay's source (r.rand): a
+// simulation's is seeded.
+func (r *Relay) newBackoff(min, max time.Duration) *backoff {
+	rnd := r.rand
+	if rnd == nil {
+		rnd = rand.Int64N
+	}
+	return &backoff{min: min, max: max, rnd: rnd}
+}
 
 func (b *backoff) next() time.Duration {
 	if b.cur == 0 {
@@ -219,7 +248,7 @@ func (b *backoff) next() time.Duration {
 	// Jitter between half and all of the step, so relays restarted together
 	// do not reconnect in lockstep.
 	half := b.cur / 2
-	return half + time.Duration(rand.Int64N(int64(half)+1))
+	return half + time.Duration(b.rnd(int64(half)+1))
 }
 
 func (b *backoff) reset() { b.cur = 0 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -29,7 +30,7 @@ import (
 // temporary file. Under a database's work_mem = '64kB' and temp_file_limit
 // = '64kB' every FETCH of 1,000 small rows failed (SQLSTATE 53400), the
 // sweep was redone on a new slot, and failed again, forever.
-func (r *Relay) beginSweep(ctx context.Context, snapshot string) (pgx.Tx, error) {
+func (r *Relay) beginSweep(ctx context.Context, snapshot string) (sweepCursor, error) {
 	ctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
 	defer cancel()
 	tx, err := r.opt.Pool.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
@@ -48,10 +49,18 @@ func (r *Relay) beginSweep(ctx context.Context, snapshot string) (pgx.Tx, error)
 			return nil, classifyPg(fmt.Errorf("table sweep: %s: %w", q, err))
 		}
 	}
-	return tx, nil
+	return &pgSweep{r: r, tx: tx, queries: r.sweepQueries()}, nil
 }
 
-// sweepQueries read the unpublished rows in insert order (relay_seq), the
+// sweepOrder is one of the sweep's cursors: the rows whose relay_seq is
+// NULL or not (seqNull), sorted by the columns named. The simulator's
+// store sorts by the same names.
+type sweepOrder struct {
+	seqNull bool
+	by      []string
+}
+
+// sweepOrders read the unpublished rows in insert order (relay_seq), the
 // order the stream delivers them in within a transaction and across
 // transactions that write one aggregate under a lock. Rows written before
 // migration 004 have no relay_seq and come first, in occurred_at, id order:
@@ -59,6 +68,12 @@ func (r *Relay) beginSweep(ctx context.Context, snapshot string) (pgx.Tx, error)
 // partial index (a single ORDER BY relay_seq NULLS FIRST, occurred_at, id
 // would sort the whole pre-004 backlog before the first row, within one
 // statement's timeout).
+var sweepOrders = []sweepOrder{
+	{seqNull: true, by: []string{"occurred_at", "id"}},
+	{seqNull: false, by: []string{"relay_seq"}},
+}
+
+// sweepQueries are sweepOrders in SQL.
 // Rows whose broker confirmation is recorded in outbox_relay_confirmed (the
 // relay was a synchronous standby and acknowledged them before they were
 // visible) are not published again: the marker completes their marks.
@@ -66,26 +81,94 @@ func (r *Relay) beginSweep(ctx context.Context, snapshot string) (pgx.Tx, error)
 // rules, so a row the stream would dead-letter (occurred_at = infinity, a
 // NULL) is dead-lettered here too instead of failing the scan.
 func (r *Relay) sweepQueries() []string {
-	q := func(where, order string) string {
-		return `DECLARE outbox_relay_sweep NO SCROLL CURSOR FOR
-		SELECT id::text, aggregate_type::text, aggregate_id::text, event_type::text, payload::text, occurred_at::text
-		FROM ` + r.tableIdent + ` AS t WHERE published_at IS NULL AND ` + where + `
-			AND NOT EXISTS (SELECT 1 FROM ` + r.stateTable(confirmedTable) + ` c
-				WHERE c.slot_name = ` + migrations.QuoteLiteral(r.cfg.Slot) + ` AND c.id = t.id)
-		ORDER BY ` + order
-	}
-	return []string{
+	var out []string
+	for _, o := range sweepOrders {
+		where := "t.relay_seq IS NOT NULL"
+		if o.seqNull {
+			where = "t.relay_seq IS NULL"
+		}
 		// Qualified: a bare name in ORDER BY means the output column of
 		// that name, here the text of the timestamp and of the id.
-		q("t.relay_seq IS NULL", "t.occurred_at, t.id"),
-		q("t.relay_seq IS NOT NULL", "t.relay_seq"),
+		out = append(out, `DECLARE outbox_relay_sweep NO SCROLL CURSOR FOR
+		SELECT id::text, aggregate_type::text, aggregate_id::text, event_type::text, payload::text, occurred_at::text
+		FROM `+r.tableIdent+` AS t WHERE published_at IS NULL AND `+where+`
+			AND NOT EXISTS (SELECT 1 FROM `+r.stateTable(confirmedTable)+` c
+				WHERE c.slot_name = `+migrations.QuoteLiteral(r.cfg.Slot)+` AND c.id = t.id)
+		ORDER BY t.`+strings.Join(o.by, ", t."))
 	}
+	return out
 }
 
-// sweep feeds the unpublished rows of the snapshot into the pipeline with a
-// cursor, so that a backlog of millions of rows takes bounded memory.
-func (s *session) sweep(soft, ctx context.Context, tx pgx.Tx) error {
-	defer rollback(tx)
+// pgSweep is the sweep's transaction and its cursors, one after the other.
+type pgSweep struct {
+	r        *Relay
+	tx       pgx.Tx
+	queries  []string
+	declared bool
+}
+
+func (p *pgSweep) next(ctx context.Context, n int) ([]decoder.Row, error) {
+	for len(p.queries) > 0 {
+		if !p.declared {
+			if err := p.exec(ctx, p.queries[0]); err != nil {
+				return nil, err
+			}
+			p.declared = true
+		}
+		rows, err := p.fetch(ctx, n)
+		if err != nil || len(rows) > 0 {
+			return rows, err
+		}
+		if err := p.exec(ctx, `CLOSE outbox_relay_sweep`); err != nil {
+			return nil, err
+		}
+		p.declared = false
+		p.queries = p.queries[1:]
+	}
+	return nil, nil
+}
+
+func (p *pgSweep) close() { rollback(p.tx) }
+
+// exec runs one statement of the sweep under RELAY_POSTGRES_TIMEOUT.
+func (p *pgSweep) exec(ctx context.Context, q string) error {
+	qctx, cancel := context.WithTimeout(ctx, p.r.cfg.PostgresTimeout)
+	defer cancel()
+	if _, err := p.tx.Exec(qctx, q); err != nil {
+		return classifyPg(fmt.Errorf("table sweep: %w", err))
+	}
+	return nil
+}
+
+// fetch reads up to n rows of the open cursor, in full, under
+// RELAY_POSTGRES_TIMEOUT.
+func (p *pgSweep) fetch(ctx context.Context, n int) ([]decoder.Row, error) {
+	qctx, cancel := context.WithTimeout(ctx, p.r.cfg.PostgresTimeout)
+	defer cancel()
+	rows, err := p.tx.Query(qctx, `FETCH `+strconv.Itoa(n)+` FROM outbox_relay_sweep`)
+	if err != nil {
+		return nil, classifyPg(fmt.Errorf("table sweep: %w", err))
+	}
+	defer rows.Close()
+	page := make([]decoder.Row, 0, n)
+	for rows.Next() {
+		var row decoder.Row
+		if err := rows.Scan(&row.ID, &row.AggregateType, &row.AggregateID, &row.EventType, &row.Payload, &row.OccurredAt); err != nil {
+			return nil, classifyPg(fmt.Errorf("table sweep: %w", err))
+		}
+		page = append(page, row)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, classifyPg(fmt.Errorf("table sweep: %w", err))
+	}
+	return page, nil
+}
+
+// sweep feeds the unpublished rows of the snapshot into the pipeline,
+// a page at a time, so that a backlog of millions of rows takes bounded
+// memory.
+func (s *session) sweep(soft, ctx context.Context, cur sweepCursor) error {
+	defer cur.close()
 	r := s.r
 	ctr := s.tracker.Begin()
 	closed := false
@@ -98,29 +181,21 @@ func (s *session) sweep(soft, ctx context.Context, tx pgx.Tx) error {
 	lastLog := time.Now()
 	pages := sweepPager{}
 	r.m.SetReady(false, "sweeping table "+r.cfg.Table+": publishing the unpublished rows the new slot will never deliver")
-	for _, q := range r.sweepQueries() {
-		if err := s.sweepExec(ctx, tx, q); err != nil {
+	for soft.Err() == nil {
+		n, largest, err := s.sweepPage(ctx, cur, ctr, pages.next())
+		if err != nil {
 			return err
 		}
-		for soft.Err() == nil {
-			n, largest, err := s.sweepPage(ctx, tx, ctr, pages.next())
-			if err != nil {
-				return err
-			}
-			pages.saw(n, largest)
-			total += n
-			r.m.SweptEvents.Add(float64(n))
-			if n == 0 {
-				break
-			}
-			if time.Since(lastLog) > 5*time.Second {
-				lastLog = time.Now()
-				s.log.Info().Int("rows", total).Msg("table sweep in progress")
-				r.m.SetReady(false, fmt.Sprintf("sweeping table %s: %d rows published so far", r.cfg.Table, total))
-			}
+		if n == 0 {
+			break
 		}
-		if err := s.sweepExec(ctx, tx, `CLOSE outbox_relay_sweep`); err != nil {
-			return err
+		pages.saw(n, largest)
+		total += n
+		r.m.SweptEvents.Add(float64(n))
+		if time.Since(lastLog) > 5*time.Second {
+			lastLog = time.Now()
+			s.log.Info().Int("rows", total).Msg("table sweep in progress")
+			r.m.SetReady(false, fmt.Sprintf("sweeping table %s: %d rows published so far", r.cfg.Table, total))
 		}
 	}
 	if soft.Err() != nil {
@@ -128,13 +203,21 @@ func (s *session) sweep(soft, ctx context.Context, tx pgx.Tx) error {
 	}
 	closed = true
 	s.tracker.Close(ctr, 0)
-	// The sweep is finished only when every swept row is confirmed and marked.
+	// The sweep is finished only when every swept row is confirmed and
+	// marked; a halted session (a failed mark) finishes none of them.
 	for s.tracker.InFlight() > 0 {
-		if !sleep(ctx, 10*time.Millisecond) {
+		t := time.NewTimer(10 * time.Millisecond)
+		select {
+		case <-t.C:
+		case <-s.halted:
+			t.Stop()
+			return s.haltErr
+		case <-ctx.Done():
+			t.Stop()
 			return ctx.Err()
 		}
 	}
-	if err := r.setSweepPending(ctx, false); err != nil {
+	if err := r.db.setSweepPending(ctx, false); err != nil {
 		return err
 	}
 	s.log.Warn().Int("rows", total).Msg("table sweep done: published the unpublished rows the slot will never deliver")
@@ -147,16 +230,6 @@ func rollback(tx pgx.Tx) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_ = tx.Rollback(ctx)
-}
-
-// sweepExec runs one statement of the sweep under RELAY_POSTGRES_TIMEOUT.
-func (s *session) sweepExec(ctx context.Context, tx pgx.Tx, q string) error {
-	qctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
-	defer cancel()
-	if _, err := tx.Exec(qctx, q); err != nil {
-		return classifyPg(fmt.Errorf("table sweep: %w", err))
-	}
-	return nil
 }
 
 // Pages of the sweep are read in full before their rows enter the
@@ -200,29 +273,15 @@ func (p *sweepPager) saw(n, largest int) {
 // sweepPage fetches up to fetch rows and hands them to the pipeline. The
 // rows are read in full before the first is handed on: the FETCH is bounded
 // by RELAY_POSTGRES_TIMEOUT, the wait for room in the pipeline is not.
-func (s *session) sweepPage(ctx context.Context, tx pgx.Tx, ctr *checkpoint.Tx, fetch int) (n, largest int, err error) {
-	qctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
-	rows, err := tx.Query(qctx, `FETCH `+strconv.Itoa(fetch)+` FROM outbox_relay_sweep`)
+func (s *session) sweepPage(ctx context.Context, cur sweepCursor, ctr *checkpoint.Tx, fetch int) (n, largest int, err error) {
+	rows, err := cur.next(ctx, fetch)
 	if err != nil {
-		cancel()
-		return 0, 0, classifyPg(fmt.Errorf("table sweep: %w", err))
+		return 0, 0, err
 	}
-	page := make([]decoder.Event, 0, fetch)
-	for rows.Next() {
-		var row decoder.Row
-		if err := rows.Scan(&row.ID, &row.AggregateType, &row.AggregateID, &row.EventType, &row.Payload, &row.OccurredAt); err != nil {
-			rows.Close()
-			cancel()
-			return 0, 0, classifyPg(fmt.Errorf("table sweep: %w", err))
-		}
-		ev := decoder.EventFromRow(row)
-		largest = max(largest, int(eventBytes(&ev)))
-		page = append(page, ev)
-	}
-	rows.Close()
-	cancel()
-	if err := rows.Err(); err != nil {
-		return 0, 0, classifyPg(fmt.Errorf("table sweep: %w", err))
+	page := make([]decoder.Event, len(rows))
+	for i := range rows {
+		page[i] = decoder.EventFromRow(rows[i])
+		largest = max(largest, int(eventBytes(&page[i])))
 	}
 	for i := range page {
 		s.tracker.Add(ctr)

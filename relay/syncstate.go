@@ -164,7 +164,7 @@ func (s *session) checkSyncNow(ctx context.Context) {
 
 func (s *session) checkSync(ctx context.Context, pid uint32) {
 	qctx, cancel := context.WithTimeout(ctx, s.r.cfg.PostgresTimeout)
-	rd, err := s.r.readSyncState(qctx, pid)
+	rd, err := s.r.db.readSyncState(qctx, pid)
 	cancel()
 	if err != nil {
 		if ctx.Err() == nil {

@@ -242,6 +242,9 @@ func (r *RabbitMQ) Reject(m *Message) string {
 
 // frameMax is the largest frame the connection may send, as negotiated.
 func (r *RabbitMQ) frameMax() int {
+	if r.conn == nil { // an AMQPModel
+		return 131072
+	}
 	if n := r.conn.Config.FrameSize; n > 0 {
 		return n
 	}
