@@ -10,14 +10,34 @@ BIN        ?= bin/outbox-relay
 IMAGE      ?= outbox-relay:local
 BENCH_ARGS ?=
 
-.PHONY: test faults faults-only unit build demo bench fuzz lint docker
+.PHONY: test sim sim-check mutants faults faults-only unit build demo bench fuzz lint docker
 
-## test: services (scripts/test-env.sh), go vet, all tests with -race
+## test: services (scripts/test-env.sh), go vet, all tests with -race,
+## the simulator's 10,000 seeds, then the fault suite
 test:
 	. scripts/test-env.sh && \
 	$(GO) vet ./... && \
 	$(GO) test -race -count=1 -timeout 12m ./... && \
+	$(MAKE) --no-print-directory sim-check && \
 	$(MAKE) --no-print-directory faults-only
+
+SEEDS ?= 10000
+
+## sim-check: the simulator (docs/simulation.md) without -race, which slows
+## it tenfold; prints the seed count and time
+sim-check:
+	@out="$$($(GO) test -count=1 -timeout 10m -run '^TestSimulation' -v ./relay/ -seeds=$(SEEDS) 2>&1)" || \
+		{ printf '%s\n' "$$out" | tail -150; exit 1; }; \
+	printf '%s\n' "$$out" | grep -E '^sim:|same trace'
+
+## sim: as many seeds as you ask, in parallel: make sim SEEDS=1000000
+sim:
+	$(GO) test -count=1 -timeout 0 -run '^TestSimulation$$' -v ./relay/ -seeds=$(SEEDS) | grep -vE '^(=== RUN|--- PASS|    --- PASS|        --- PASS)'
+
+## mutants: break the engine on purpose (relay/testdata/mutants) and say
+## how many seeds the simulator took to notice each
+mutants:
+	bash scripts/mutants.sh
 
 ## faults: the fault-injection tests (they stop RabbitMQ and restart
 ## PostgreSQL, so they run alone, after everything else)
