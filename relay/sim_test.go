@@ -194,6 +194,7 @@ type simTx struct {
 
 type simSlot struct {
 	confirmed pglogrepl.LSN
+	persisted pglogrepl.LSN // as of the last checkpoint: what a restart comes back to
 	active    *simStream
 	lost      bool
 }
@@ -237,6 +238,7 @@ type simWorld struct {
 	ownerCh  chan struct{}
 	queue    []simDelivery
 	nacked   map[string]bool // exempt from the order check
+	returned map[string]bool // returned at least once: RELAY_UNROUTABLE=drop may drop it
 	attempts map[string]int
 
 	// fault state
@@ -244,12 +246,14 @@ type simWorld struct {
 	brokerDownUntil time.Time
 	blockedUntil    time.Time
 	nackUntil       time.Time
+	unroutableUntil time.Time
 	cuts, crashes   int
 	lostReply       bool // the next mark commits and loses its reply
 
 	violations          []string
 	maxUnconfirmedBytes int64
 	lives               []*simLife
+	everyLife           []*simLife // every lifetime launched
 	plan                []simFault
 	workload            []*simTx
 	preloaded           int
@@ -259,7 +263,7 @@ func newSimWorld(seed int64) *simWorld {
 	w := &simWorld{
 		seed: seed, rng: rand.New(rand.NewPCG(uint64(seed), 0x5eed)),
 		changed: make(chan struct{}), rows: map[string]*simRow{}, snaps: map[string]*simSnapshot{},
-		nacked: map[string]bool{}, attempts: map[string]int{}, lsn: 0x1000000, xid: 700, start: time.Now(),
+		nacked: map[string]bool{}, returned: map[string]bool{}, attempts: map[string]int{}, lsn: 0x1000000, xid: 700, start: time.Now(),
 	}
 	r := w.rng
 	w.cfg = config.Config{
@@ -277,6 +281,7 @@ func newSimWorld(seed int64) *simWorld {
 		MaxMessageBytes:  1 << 20,
 		PostgresTimeout:  2 * time.Second,
 	}
+	w.cfg.Unroutable = []string{"dead-letter", "retry", "drop"}[r.IntN(3)]
 	w.generate()
 	return w
 }
@@ -383,7 +388,8 @@ func (w *simWorld) generate() {
 	two := r.IntN(3) == 0
 	nf := r.IntN(7)
 	kinds := []string{"crash", "crash", "stream-cut", "broker-close", "broker-down", "broker-block", "nack",
-		"store-timeout", "store-lost-reply", "owner-cut", "slot-lost", "slot-dropped", "delete-row", "stop"}
+		"store-timeout", "store-lost-reply", "owner-cut", "slot-lost", "slot-dropped", "delete-row", "stop",
+		"unroutable", "pg-restart"}
 	for i := 0; i < nf; i++ {
 		f := simFault{at: time.Duration(r.Int64N(int64(span))), kind: kinds[r.IntN(len(kinds))],
 			who: 0, dur: time.Duration(10+r.IntN(800)) * time.Millisecond}
@@ -430,6 +436,7 @@ func (w *simWorld) run() simResult {
 	}
 	w.mu.Unlock()
 	go w.produce(ctx)
+	go w.checkpoints(ctx)
 	var wg sync.WaitGroup
 	live := make([]*simLife, len(w.lives))
 	for i, l := range w.lives {
@@ -488,6 +495,33 @@ func (w *simWorld) produce(ctx context.Context) {
 	}
 }
 
+// checkpoints write the slot's position to disk now and then, as
+// PostgreSQL's checkpointer does: a restart goes back to it.
+func (w *simWorld) checkpoints(ctx context.Context) {
+	for i := 0; ; i++ {
+		select {
+		case <-time.After(time.Duration(100+w.roll("checkpoint", "", i)*900) * time.Millisecond):
+		case <-ctx.Done():
+			return
+		}
+		w.mu.Lock()
+		if w.slot != nil {
+			w.slot.persisted = w.slot.confirmed
+		}
+		w.mu.Unlock()
+	}
+}
+
+// allStreams are every lifetime's replication connections. Call with w.mu
+// held.
+func (w *simWorld) allStreams() []*simStream {
+	var out []*simStream
+	for _, l := range w.everyLife {
+		out = append(out, l.streams...)
+	}
+	return out
+}
+
 // commit writes tx's WAL and rows. Call with w.mu held.
 func (w *simWorld) commit(tx *simTx) {
 	w.xid++
@@ -523,6 +557,7 @@ func (w *simWorld) launch(l *simLife) *simLife {
 	w.mu.Lock()
 	l.killed = make(chan struct{})
 	l.exited = make(chan struct{})
+	w.everyLife = append(w.everyLife, l)
 	w.step("relay%d.%d starts", l.relay, l.gen)
 	w.mu.Unlock()
 	cfg := w.cfg
@@ -644,6 +679,23 @@ func (w *simWorld) inject(f simFault, l *simLife) *simLife {
 		w.blockedUntil = now.Add(f.dur)
 	case "nack":
 		w.nackUntil = now.Add(f.dur)
+	case "unroutable":
+		w.unroutableUntil = now.Add(f.dur)
+	case "pg-restart":
+		// Every connection ends, the server is away for a moment, and the
+		// slot comes back at the position last written at a checkpoint.
+		w.cuts++
+		w.storeDownUntil = now.Add(f.dur)
+		for _, s := range w.allStreams() {
+			s.broken = true
+		}
+		if w.owner != nil {
+			w.releaseOwner()
+		}
+		if w.slot != nil {
+			w.step("the slot comes back at %s (acknowledged %s)", w.slot.persisted, w.slot.confirmed)
+			w.slot.confirmed = w.slot.persisted
+		}
 	case "store-timeout":
 		w.cuts++
 		w.storeDownUntil = now.Add(f.dur)
@@ -730,7 +782,7 @@ func (w *simWorld) check(stalled bool, deadline time.Duration) string {
 			case row.poison && times[row.id] > 0:
 				fails = append(fails, fmt.Sprintf("poison event %s reached the exchange", row.id))
 			case row.deleted:
-			case row.published && times[row.id]+dead[row.id] == 0:
+			case row.published && times[row.id]+dead[row.id] == 0 && !(w.cfg.Unroutable == "drop" && w.returned[row.id]):
 				fails = append(fails, fmt.Sprintf("lost: row %s is marked published but never reached the broker", row.id))
 			case row.poison && dead[row.id] == 0 && !stalled:
 				fails = append(fails, fmt.Sprintf("poison event %s was never dead-lettered", row.id))
@@ -1179,7 +1231,7 @@ func (s *simStream) CreateSlot(ctx context.Context, name string) (replication.Sl
 	}
 	// The snapshot sees every transaction that committed before the
 	// consistent point; the slot streams every one after it.
-	w.slot = &simSlot{confirmed: w.lsn}
+	w.slot = &simSlot{confirmed: w.lsn, persisted: w.lsn} // persisted at creation
 	snap := &simSnapshot{}
 	for _, tx := range w.txs {
 		for _, row := range tx.rows {
@@ -1496,6 +1548,11 @@ func (c *simBrokerConn) Publish(ctx context.Context, m *sink.Message) (sink.Pend
 	if now.Before(w.nackUntil) && w.roll("nack", m.ID, n) < 0.5 {
 		p.outcome = sink.Nacked
 		w.nacked[m.ID] = true
+	}
+	if now.Before(w.unroutableUntil) && w.roll("unroutable", m.ID, n) < 0.5 {
+		p.outcome = sink.Returned
+		w.nacked[m.ID] = true // retried after those behind it, like a nack
+		w.returned[m.ID] = true
 	}
 	p.routeAt = now.Add(time.Duration(w.roll("route", m.ID, n)*3000) * time.Microsecond)
 	if len(c.transit) > 0 && p.routeAt.Before(c.transit[len(c.transit)-1].routeAt) {
