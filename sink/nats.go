@@ -60,6 +60,14 @@ type NATS struct {
 	raw         net.Conn // the socket under nc
 	interrupted atomic.Bool
 	interrupts  *interrupter // calls interrupt when their context ends mid-call
+
+	// measured is the message Reject built to measure its Message, handed
+	// to the Publish of that Message that follows so that it is not built
+	// twice. Reject and Publish are the publishing goroutine's only.
+	measured struct {
+		for_ *Message
+		msg  *nats.Msg
+	}
 }
 
 // Header names of the NATS message format (docs/sinks.md).
@@ -312,7 +320,7 @@ func (n *NATS) Reject(m *Message) string {
 		return fmt.Sprintf("message is %d bytes with its headers; the limit is %d (the smallest of the server's max_payload, "+
 			"the stream's max_msg_size and RELAY_MAX_MESSAGE_BYTES)", size, n.maxPayload)
 	}
-	m.built = msg
+	n.measured.for_, n.measured.msg = m, msg
 	return ""
 }
 
@@ -370,11 +378,12 @@ func (n *NATS) Publish(ctx context.Context, m *Message) (Pending, error) {
 		return nil, fmt.Errorf("publish %s: %w", m.ID, n.closedErr())
 	default:
 	}
-	msg := m.built
-	if msg == nil || msg.Subject != m.Key {
+	msg := n.measured.msg
+	if n.measured.for_ != m || msg == nil || msg.Subject != m.Key {
 		msg = natsMessage(m.Key, m)
 	}
-	m.built = nil // a republish builds afresh: the library keeps the one it was given
+	// A republish builds afresh: the library keeps the one it was given.
+	n.measured.for_, n.measured.msg = nil, nil
 	defer n.interrupts.during(ctx)()
 	paf, err := n.publishAsync(ctx, msg)
 	if err != nil {

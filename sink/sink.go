@@ -3,8 +3,6 @@ package sink
 import (
 	"context"
 	"time"
-
-	"github.com/nats-io/nats.go"
 )
 
 // Message is one outbox event as a broker sees it.
@@ -16,10 +14,6 @@ type Message struct {
 	AggregateID   string
 	OccurredAt    time.Time
 	Body          []byte // the payload JSON exactly as stored
-
-	// built is the NATS message Reject built to measure m, handed to the
-	// Publish that follows so that it is not built twice.
-	built *nats.Msg
 }
 
 // Outcome is the broker's verdict on one message.
