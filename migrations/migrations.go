@@ -21,6 +21,8 @@ import (
 	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/outbox-relay/outbox-relay/internal/pgquote"
 )
 
 //go:embed *.sql
@@ -96,10 +98,8 @@ func (m Migration) Render(t Target) string {
 	return r.Replace(m.SQL)
 }
 
-// QuoteLiteral quotes s as an SQL string literal.
-func QuoteLiteral(s string) string {
-	return "'" + strings.ReplaceAll(s, "'", "''") + "'"
-}
+// QuoteLiteral quotes s as an SQL string literal (pgquote.Literal).
+func QuoteLiteral(s string) string { return pgquote.Literal(s) }
 
 // Result says what Apply did.
 type Result struct {

@@ -7,20 +7,21 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 
+	"github.com/outbox-relay/outbox-relay/internal/pgquote"
 	"github.com/outbox-relay/outbox-relay/internal/pgsession"
-	"github.com/outbox-relay/outbox-relay/migrations"
 )
 
 // SQLSTATEs the relay reacts to.
 const (
-	CodeObjectInUse     = "55006" // the slot is active for another process
-	CodeUndefinedObject = "42704" // no such slot or publication
-	CodeDuplicateObject = "42710" // the slot already exists
+	CodeObjectInUse     = pgerrcode.ObjectInUse     // the slot is active for another process
+	CodeUndefinedObject = pgerrcode.UndefinedObject // no such slot or publication
+	CodeDuplicateObject = pgerrcode.DuplicateObject // the slot already exists
 )
 
 // HasCode reports whether err carries the given SQLSTATE.
@@ -141,7 +142,7 @@ func (c *Conn) CreateSlot(ctx context.Context, name string) (Slot, error) {
 func (c *Conn) Start(ctx context.Context, slot, publication string, start pglogrepl.LSN) error {
 	c.forgetDeadline()
 	// pgoutput splits publication_names like an identifier list.
-	pubs := migrations.QuoteLiteral(pgx.Identifier{publication}.Sanitize())
+	pubs := pgquote.Literal(pgx.Identifier{publication}.Sanitize())
 	err := pglogrepl.StartReplication(ctx, c.pg, slot, start, pglogrepl.StartReplicationOptions{
 		Mode:       pglogrepl.LogicalReplication,
 		PluginArgs: []string{"proto_version '1'", "publication_names " + pubs},
