@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -567,16 +568,30 @@ func TestNacksAreRetriedThenDeadLettered(t *testing.T) {
 func TestHeartbeatIsAcknowledged(t *testing.T) {
 	e := newEnv(t)
 	e.cfg.HeartbeatInterval = 100 * time.Millisecond
-	var rel *Relay
-	r := e.startWith(func(x *Relay) { rel = x }, nil)
+	spy := &heartbeatSpy{}
+	r := e.startWith(func(x *Relay) { spy.store = x.db; x.db = spy }, nil)
 	r.waitStreaming(t)
-	waitFor(t, 10*time.Second, "a heartbeat", func() bool { return rel.heartbeatLSN.Load() != 0 })
-	hb := pglogrepl.LSN(rel.heartbeatLSN.Load()).String()
+	waitFor(t, 10*time.Second, "a heartbeat", func() bool { return spy.lsn.Load() != 0 })
+	hb := pglogrepl.LSN(spy.lsn.Load()).String()
 	waitFor(t, 10*time.Second, "the slot past the heartbeat", func() bool { return e.slotPast(hb) })
 	if e.receivedCount() != 0 {
 		t.Fatal("a heartbeat was published as an event")
 	}
 	r.stop(t)
+}
+
+// heartbeatSpy remembers where the last heartbeat was written.
+type heartbeatSpy struct {
+	store
+	lsn atomic.Uint64
+}
+
+func (h *heartbeatSpy) emitHeartbeat(ctx context.Context) (pglogrepl.LSN, error) {
+	lsn, err := h.store.emitHeartbeat(ctx)
+	if err == nil {
+		h.lsn.Store(uint64(lsn))
+	}
+	return lsn, err
 }
 
 // TestReplayFilterLooksPastDeletedRows (invariant 4): a replayed batch that
@@ -598,8 +613,8 @@ func TestReplayFilterLooksPastDeletedRows(t *testing.T) {
 
 	batch := []*item{{ev: decoder.Event{ID: marked.ID}}, {ev: decoder.Event{ID: deleted.ID}}}
 	must(t, s.filterPublished(ctx, batch))
-	if !batch[0].skip || batch[1].skip {
-		t.Fatalf("skip = %v, %v; want the marked row skipped and the deleted one published", batch[0].skip, batch[1].skip)
+	if batch[0].fate != fateSkip || batch[1].fate == fateSkip {
+		t.Fatalf("fates %d, %d; want the marked row skipped and the deleted one published", batch[0].fate, batch[1].fate)
 	}
 	if !s.filtering {
 		t.Fatal("the filter stopped at a deleted row: the marked rows after it would be published again")
@@ -608,7 +623,7 @@ func TestReplayFilterLooksPastDeletedRows(t *testing.T) {
 	e.insertTx([]event{unmarked}, true, nil)
 	batch = []*item{{ev: decoder.Event{ID: unmarked.ID}}}
 	must(t, s.filterPublished(ctx, batch))
-	if batch[0].skip || s.filtering {
-		t.Fatalf("an unmarked row: skip = %v, filtering = %v; want it published and the filter off", batch[0].skip, s.filtering)
+	if batch[0].fate == fateSkip || s.filtering {
+		t.Fatalf("an unmarked row: fate %d, filtering = %v; want it published and the filter off", batch[0].fate, s.filtering)
 	}
 }

@@ -137,7 +137,7 @@ func (s *session) nextConfirmed(ctx context.Context) (*item, bool, error) {
 func (s *session) markBatch(ctx context.Context, batch []*item) error {
 	ids := make([]string, 0, len(batch))
 	for _, it := range batch {
-		if !it.skip {
+		if it.fate != fateSkip {
 			ids = append(ids, it.ev.ID)
 		}
 	}
@@ -206,9 +206,10 @@ func (s *session) markBatch(ctx context.Context, batch []*item) error {
 	}
 	m := s.r.m
 	for _, it := range batch {
-		if it.skip {
+		switch it.fate {
+		case fateSkip:
 			m.EventsSkipped.Inc()
-		} else if it.dead == "" {
+		case fatePublish, fateCarried:
 			m.EventsPublished.Inc()
 		}
 		s.tracker.Finish(it.tx, 1)
@@ -576,7 +577,7 @@ func (s *session) filterPublished(ctx context.Context, batch []*item) error {
 	}
 	for _, it := range batch {
 		if _, ok := done[it.ev.ID]; ok && !it.sweep {
-			it.skip = true
+			it.fate = fateSkip
 		}
 	}
 	// The last row still in the table decides: a row deleted since says

@@ -3,7 +3,6 @@ package relay
 import (
 	"context"
 	"fmt"
-	"strings"
 	"time"
 
 	"github.com/outbox-relay/outbox-relay/decoder"
@@ -46,7 +45,7 @@ func (s *session) publish(ctx context.Context) error {
 		}
 		held = false
 		if err := batcher.Flush(ctx); err != nil {
-			return fmt.Errorf("%w: %w", errBroker, err)
+			return brokerFailure(err)
 		}
 		return nil
 	}
@@ -143,18 +142,15 @@ func (s *session) gatherReplay(batch []*item) []*item {
 func (s *session) publishOne(ctx context.Context, it *item) error {
 	ev := &it.ev
 	switch {
-	case it.skip:
+	case it.fate == fateSkip:
 		return nil
 	case ev.Published:
-		it.skip = true // inserted already published: nothing to do
+		it.fate = fateSkip // inserted already published: nothing to do
 		return nil
 	}
-	if len(s.r.confirmed) > 0 { // filled only by a failed session; no hashing per event otherwise
-		if _, ok := s.r.confirmed[ev.ID]; ok {
-			delete(s.r.confirmed, ev.ID)
-			it.carried = true // the broker has it already; only the mark is missing
-			return nil
-		}
+	if s.r.carried.take(ev.ID) {
+		it.fate = fateCarried // the broker has it already; only the mark is missing
+		return nil
 	}
 	it.msg = sink.Message{
 		ID:            ev.ID,
@@ -165,18 +161,18 @@ func (s *session) publishOne(ctx context.Context, it *item) error {
 		Body:          ev.Payload,
 	}
 	if ev.Invalid != "" {
-		it.dead = "invalid row: " + ev.Invalid
+		it.fate, it.dead = fateDeadLetter, newDeadReason(deadInvalidRow, ev.Invalid)
 		return nil
 	}
 	it.msg.Key = s.r.key.Render(ev.AggregateType, ev.EventType, ev.AggregateID)
 	if reason := s.pub.Reject(&it.msg); reason != "" {
-		it.dead = "rejected: " + reason
+		it.fate, it.dead = fateDeadLetter, newDeadReason(deadRejected, reason)
 		return nil
 	}
 	it.sentAt = time.Now()
 	p, err := s.pub.Publish(ctx, &it.msg)
 	if err != nil {
-		return fmt.Errorf("%w: %w", errBroker, err)
+		return brokerFailure(err)
 	}
 	it.pending = p
 	return nil
@@ -196,9 +192,9 @@ func (s *session) confirm(ctx context.Context) error {
 		if err != nil || !ok {
 			return err
 		}
-		switch {
-		case it.skip, it.carried:
-		case it.dead != "":
+		switch it.fate {
+		case fateSkip, fateCarried:
+		case fateDeadLetter:
 			if err := s.deadLetter(ctx, it, it.dead); err != nil {
 				return err
 			}
@@ -207,7 +203,7 @@ func (s *session) confirm(ctx context.Context) error {
 				return err
 			}
 			m.ConfirmSeconds.Observe(time.Since(it.sentAt).Seconds())
-			if it.dead == "" && !it.ev.OccurredAt.IsZero() {
+			if it.fate == fatePublish && !it.ev.OccurredAt.IsZero() {
 				// The contract's end to end: occurred_at -> confirmed.
 				m.DeliverySeconds.Observe(time.Since(it.ev.OccurredAt).Seconds())
 			}
@@ -240,7 +236,7 @@ func (s *session) await(ctx context.Context, it *item) error {
 	for attempt := 0; ; attempt++ {
 		res, err := it.pending.Wait(ctx)
 		if err != nil {
-			return fmt.Errorf("%w: %w", errBroker, err)
+			return brokerFailure(err)
 		}
 		switch res.Outcome {
 		case sink.Acked:
@@ -249,12 +245,12 @@ func (s *session) await(ctx context.Context, it *item) error {
 		case sink.Returned:
 			switch s.r.cfg.Unroutable {
 			case "dead-letter":
-				return s.deadLetter(ctx, it, "unroutable: "+res.Reason)
+				return s.deadLetter(ctx, it, newDeadReason(deadUnroutable, res.Reason))
 			case "drop":
 				s.log.Warn().Str("id", it.msg.ID).Str("routing_key", it.msg.Key).
 					Msg("the broker could not route this event (no queue or stream for it); dropped (RELAY_UNROUTABLE=drop)")
 				s.r.m.Retries.WithLabelValues(s.r.broker(), "unroutable_dropped").Inc()
-				it.dead = "dropped: unroutable"
+				it.fate = fateDropped
 				return nil
 			}
 			if attempt == 0 {
@@ -266,7 +262,7 @@ func (s *session) await(ctx context.Context, it *item) error {
 			nacks++
 			s.r.m.Retries.WithLabelValues(s.r.broker(), "nack").Inc()
 			if nacks >= maxNacks {
-				return s.deadLetter(ctx, it, fmt.Sprintf("nacked %d times: %s", nacks, res.Reason))
+				return s.deadLetter(ctx, it, deadReason{class: deadNacked, text: fmt.Sprintf("nacked %d times: %s", nacks, res.Reason)})
 			}
 			s.log.Warn().Str("id", it.msg.ID).Int("nacks", nacks).Msg("broker nacked the event; republishing")
 		}
@@ -276,23 +272,19 @@ func (s *session) await(ctx context.Context, it *item) error {
 		it.sentAt = time.Now()
 		p, err := s.pub.Publish(ctx, &it.msg)
 		if err != nil {
-			return fmt.Errorf("%w: %w", errBroker, err)
+			return brokerFailure(err)
 		}
 		it.pending = p
 	}
 }
 
-func (s *session) deadLetter(ctx context.Context, it *item, reason string) error {
-	if err := s.pub.DeadLetter(ctx, &it.msg, reason); err != nil {
-		return fmt.Errorf("%w: %w", errBroker, err)
+func (s *session) deadLetter(ctx context.Context, it *item, why deadReason) error {
+	if err := s.pub.DeadLetter(ctx, &it.msg, why.text); err != nil {
+		return brokerFailure(err)
 	}
-	it.dead = reason
-	class := reason
-	if i := strings.IndexByte(reason, ':'); i > 0 {
-		class = reason[:i]
-	}
-	s.r.m.DeadLettered.WithLabelValues(class).Inc()
-	s.log.Error().Str("id", it.msg.ID).Str("reason", reason).
+	it.fate, it.dead = fateDeadLetter, why
+	s.r.m.DeadLettered.WithLabelValues(why.class).Inc()
+	s.log.Error().Str("id", it.msg.ID).Str("reason", why.text).
 		Msg("event dead-lettered; its row is marked and the stream moves on")
 	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -112,13 +113,13 @@ func classifyPg(err error) error {
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
 		switch pgErr.Code {
-		case "28P01", "28000", // bad password, no pg_hba entry / role
-			"3D000", // database does not exist
-			"42501": // insufficient privilege
+		case pgerrcode.InvalidPassword, pgerrcode.InvalidAuthorizationSpecification, // no pg_hba entry or role
+			pgerrcode.InvalidCatalogName, // the database does not exist
+			pgerrcode.InsufficientPrivilege:
 			return fmt.Errorf("%w: %w", ErrMisconfigured, err)
 		}
 	}
-	return fmt.Errorf("%w: %w", errDatabase, err)
+	return databaseFailure(err)
 }
 
 // sweepPending reports whether the slot's table sweep never finished.

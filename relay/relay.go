@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -49,16 +48,14 @@ type Relay struct {
 	table      string
 	tableIdent string
 	streamed   bool // a session has reached streaming at least once
-	// confirmed holds ids the broker confirmed in a session that failed
+	// carried holds ids the broker confirmed in a session that failed
 	// before it could mark them. The next session marks them without
 	// publishing them again: a broker or database hiccup causes no
 	// duplicates, only a crash of the relay itself does.
-	confirmed map[string]struct{}
+	carried carrySet
 	// stateSchemas is the schema of each of the relay's own tables, by
 	// name (preflight, findStateTables).
 	stateSchemas map[string]string
-	// heartbeatLSN is the position of the last heartbeat written.
-	heartbeatLSN atomic.Uint64
 	// syncLogged is the sync state last logged, so that it is said once.
 	syncLogged string
 
@@ -111,10 +108,39 @@ func build(opt Options) (*Relay, error) {
 	r := &Relay{
 		opt: opt, cfg: opt.Config, log: opt.Log, m: opt.Metrics, key: key,
 		schema: schema, table: table, tableIdent: pgx.Identifier{schema, table}.Sanitize(),
-		confirmed: make(map[string]struct{}),
 	}
 	r.db, r.connect = r, r.connectStream
 	return r, nil
+}
+
+// carrySet is Relay.carried. Sessions run one after another and only
+// one goroutine of each touches it: the session adds to it once its
+// pipeline has stopped (session.carry), the next one's publisher takes
+// from it.
+type carrySet struct{ ids map[string]struct{} }
+
+// add remembers id, unless limit ids are held already: a set that large
+// means the next session is not draining it, and what is not held is
+// only published again.
+func (c *carrySet) add(id string, limit int) {
+	if c.ids == nil {
+		c.ids = make(map[string]struct{})
+	}
+	if len(c.ids) < limit {
+		c.ids[id] = struct{}{}
+	}
+}
+
+// take reports whether id was held, and forgets it.
+func (c *carrySet) take(id string) bool {
+	if len(c.ids) == 0 { // empty but after a failed session: no hashing per event
+		return false
+	}
+	if _, ok := c.ids[id]; ok {
+		delete(c.ids, id)
+		return true
+	}
+	return false
 }
 
 // ErrMisconfigured marks failures that retrying cannot fix: the relay exits
@@ -191,8 +217,8 @@ func (r *Relay) Run(ctx context.Context) error {
 
 // dependency names which side failed, for logs and metrics.
 func (r *Relay) dependency(err error) string {
-	// Every broker error is wrapped in errBroker where the pipeline meets
-	// the sink, whichever sink it is.
+	// Every broker error is a depError where the pipeline meets the sink,
+	// whichever sink it is; every database error one from classifyPg.
 	var pgErr *pgconn.PgError
 	switch {
 	case errors.Is(err, errBroker):
@@ -202,6 +228,24 @@ func (r *Relay) dependency(err error) string {
 	}
 	return "relay"
 }
+
+// depError is a failure of one of the relay's two dependencies. It reads
+// "broker: …" or "database: …", and errors.Is matches it with errBroker or
+// errDatabase.
+type depError struct {
+	dep error // errBroker or errDatabase
+	err error
+}
+
+func (e *depError) Error() string        { return e.dep.Error() + ": " + e.err.Error() }
+func (e *depError) Unwrap() error        { return e.err }
+func (e *depError) Is(target error) bool { return target == e.dep }
+
+// brokerFailure marks err as the broker's.
+func brokerFailure(err error) error { return &depError{dep: errBroker, err: err} }
+
+// databaseFailure marks err as the database's.
+func databaseFailure(err error) error { return &depError{dep: errDatabase, err: err} }
 
 var (
 	errBroker   = errors.New("broker")

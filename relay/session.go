@@ -25,12 +25,42 @@ type item struct {
 	sweep   bool
 	ev      decoder.Event
 	msg     sink.Message
-	pending sink.Pending
+	pending sink.Pending // while fate is fatePublish and the verdict is awaited
 	sentAt  time.Time
-	dead    string // dead-letter with this reason instead of publishing
-	skip    bool   // already published: neither publish nor mark
-	carried bool   // confirmed in an earlier session: mark, do not publish
-	bytes   int64  // event bytes acquired from the session's budget
+	fate    fate
+	dead    deadReason // with fateDeadLetter
+	bytes   int64      // event bytes acquired from the session's budget
+}
+
+// fate is what the pipeline does with an item. The publisher decides it
+// (the replay filter may set fateSkip before); the confirmer may turn a
+// published event into a dead-lettered or dropped one. Every fate but
+// fateSkip ends with the row marked.
+type fate uint8
+
+const (
+	fatePublish    fate = iota // publish and await the broker's verdict
+	fateSkip                   // already published: neither publish nor mark
+	fateCarried                // confirmed in an earlier session: mark, do not publish
+	fateDeadLetter             // sent to the dead-letter destination instead (dead says why)
+	fateDropped                // unroutable under RELAY_UNROUTABLE=drop: marked, not delivered
+)
+
+// deadReason is why an event is dead-lettered: class is the label of
+// outbox_relay_events_dead_lettered_total, text the x-outbox-reason header
+// (Outbox-Reason on NATS).
+type deadReason struct{ class, text string }
+
+// The dead-letter classes.
+const (
+	deadInvalidRow = "invalid row" // the decoder's rules: a NULL, an unreadable occurred_at
+	deadRejected   = "rejected"    // the broker could never accept it (sink.Publisher.Reject)
+	deadUnroutable = "unroutable"  // no queue bound, RELAY_UNROUTABLE=dead-letter
+	deadNacked     = "nacked"      // nacked maxNacks times
+)
+
+func newDeadReason(class, detail string) deadReason {
+	return deadReason{class: class, text: class + ": " + detail}
 }
 
 // session is one connected run of the pipeline.
@@ -97,6 +127,9 @@ type session struct {
 // at most this much longer for it.
 const promptGap = time.Millisecond
 
+// session is one connected run, in four steps: claim the slot and settle
+// its state (slotState), connect to both sides, open the stream (a new slot
+// comes with its table sweep), and run the pipeline until it ends.
 func (r *Relay) session(ctx context.Context) error {
 	// Before the slot is even looked at: only its owner may drop, create,
 	// sweep or stream it.
@@ -105,45 +138,16 @@ func (r *Relay) session(ctx context.Context) error {
 		return err
 	}
 	defer own.release()
-	qctx, qcancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
-	si, err := r.db.preflight(qctx)
-	qcancel()
+	si, err := r.slotState(ctx)
 	if err != nil {
 		return err
-	}
-	if si.exists && si.active {
-		return errStandby
-	}
-	if si.exists && si.walStatus == "lost" {
-		r.log.Error().Str("slot", r.cfg.Slot).
-			Msg("replication slot is LOST (its WAL was removed, e.g. by max_slot_wal_keep_size): " +
-				"dropping and recreating it; unpublished rows will be recovered from the table")
-		if err := r.db.dropSlot(ctx); err != nil {
-			return err
-		}
-		si = slotInfo{}
-	}
-	if si.exists {
-		pending, err := r.db.sweepPending(ctx)
-		if err != nil {
-			return err
-		}
-		if pending {
-			r.log.Warn().Str("slot", r.cfg.Slot).
-				Msg("the table sweep after this slot's creation never finished: recreating the slot to sweep again")
-			if err := r.db.dropSlot(ctx); err != nil {
-				return err
-			}
-			si = slotInfo{}
-		}
 	}
 
 	pub, err := r.opt.NewPublisher(ctx)
 	if err != nil {
-		return fmt.Errorf("%w: %w", errBroker, err)
+		return brokerFailure(err)
 	}
 	defer pub.Close()
-
 	conn, err := r.connect(ctx)
 	if err != nil {
 		return classifyPg(err)
@@ -157,32 +161,87 @@ func (r *Relay) session(ctx context.Context) error {
 		return classifyPg(err)
 	}
 
-	start := si.confirmed
-	var sweep sweepCursor
+	start, sweep := si.confirmed, sweepCursor(nil)
 	if !si.exists {
-		if err := r.db.setSweepPending(ctx, true); err != nil {
-			return err
-		}
-		watched := r.db.watchSlotCreation(ctx, conn.PID())
-		created, err := conn.CreateSlot(ctx, r.cfg.Slot)
-		watched()
-		switch {
-		case replication.HasCode(err, replication.CodeDuplicateObject):
-			return errStandby // another relay created it just now
-		case err != nil:
-			return classifyPg(err)
-		}
-		r.log.Warn().Str("slot", r.cfg.Slot).Str("consistent_point", created.ConsistentPoint.String()).
-			Msg("created replication slot; publishing unpublished rows already in the table before streaming")
-		start = created.ConsistentPoint
-		// Import the slot's snapshot before the replication connection
-		// runs its next command, which would invalidate it.
-		if sweep, err = r.db.beginSweep(ctx, created.Snapshot); err != nil {
+		if start, sweep, err = r.createSlot(ctx, conn); err != nil {
 			return err
 		}
 		defer sweep.close() // read-only; ended after the sweep
 	}
+	s := r.newSession(conn, pub, start)
+	err = s.run(ctx, own, sweep)
+	s.carryConfirmed()
+	return err
+}
 
+// slotState reads the slot's state and settles it: a slot that is lost,
+// or whose table sweep never finished, is dropped, to be created again.
+// errStandby: another relay streams from it.
+func (r *Relay) slotState(ctx context.Context) (slotInfo, error) {
+	qctx, qcancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
+	si, err := r.db.preflight(qctx)
+	qcancel()
+	if err != nil {
+		return si, err
+	}
+	if si.exists && si.active {
+		return si, errStandby
+	}
+	if si.exists && si.walStatus == "lost" {
+		r.log.Error().Str("slot", r.cfg.Slot).
+			Msg("replication slot is LOST (its WAL was removed, e.g. by max_slot_wal_keep_size): " +
+				"dropping and recreating it; unpublished rows will be recovered from the table")
+		if err := r.db.dropSlot(ctx); err != nil {
+			return si, err
+		}
+		return slotInfo{}, nil
+	}
+	if si.exists {
+		pending, err := r.db.sweepPending(ctx)
+		if err != nil {
+			return si, err
+		}
+		if pending {
+			r.log.Warn().Str("slot", r.cfg.Slot).
+				Msg("the table sweep after this slot's creation never finished: recreating the slot to sweep again")
+			if err := r.db.dropSlot(ctx); err != nil {
+				return si, err
+			}
+			return slotInfo{}, nil
+		}
+	}
+	return si, nil
+}
+
+// createSlot creates the slot and opens the table sweep on its snapshot:
+// the rows already in the table that the slot will never deliver. The
+// sweep is marked pending first, so that a relay that dies before it
+// finished sweeps again on a new slot.
+func (r *Relay) createSlot(ctx context.Context, conn stream) (pglogrepl.LSN, sweepCursor, error) {
+	if err := r.db.setSweepPending(ctx, true); err != nil {
+		return 0, nil, err
+	}
+	watched := r.db.watchSlotCreation(ctx, conn.PID())
+	created, err := conn.CreateSlot(ctx, r.cfg.Slot)
+	watched()
+	switch {
+	case replication.HasCode(err, replication.CodeDuplicateObject):
+		return 0, nil, errStandby // another relay created it just now
+	case err != nil:
+		return 0, nil, classifyPg(err)
+	}
+	r.log.Warn().Str("slot", r.cfg.Slot).Str("consistent_point", created.ConsistentPoint.String()).
+		Msg("created replication slot; publishing unpublished rows already in the table before streaming")
+	// Import the slot's snapshot before the replication connection runs
+	// its next command, which would invalidate it.
+	sweep, err := r.db.beginSweep(ctx, created.Snapshot)
+	if err != nil {
+		return 0, nil, err
+	}
+	return created.ConsistentPoint, sweep, nil
+}
+
+func (r *Relay) newSession(conn stream, pub sink.Publisher, start pglogrepl.LSN) *session {
 	s := &session{
 		r: r, log: r.log, conn: conn, pub: pub,
 		tracker:   checkpoint.New(start),
@@ -201,7 +260,13 @@ func (r *Relay) session(ctx context.Context) error {
 	// reconnecting synchronous standby is one again at once.
 	s.prompt.Store(r.cfg.SyncPublish || syncCandidate(r.syncLogged))
 	r.m.AckedLSN.Set(float64(start))
+	return s
+}
 
+// run is the pipeline: read -> publish -> confirm -> mark, each stage a
+// goroutine, with the watchers beside them. It returns when all have.
+func (s *session) run(ctx context.Context, own ownership, sweep sweepCursor) error {
+	r := s.r
 	// The pipeline runs on its own context: SIGTERM (ctx) only stops the
 	// reader, the rest drains, unless the drain outlasts ShutdownTimeout.
 	pctx, cancel := context.WithCancel(context.Background())
@@ -219,19 +284,29 @@ func (r *Relay) session(ctx context.Context) error {
 	g.Go(func() error { return s.publish(gctx) })
 	g.Go(func() error { return s.confirm(gctx) })
 	g.Go(func() error { return s.mark(gctx) })
-	g.Go(func() error { return s.read(ctx, gctx, sweep) })
-	g.Go(func() error { return s.watchSync(ctx, gctx) })
+	// Two ends for the stages that read or watch: ctx (SIGTERM) stops
+	// reading and lets the rest drain; gctx, the pipeline's, drops it all.
+	st := stops{soft: ctx, hard: gctx}
+	g.Go(func() error { return s.read(st, sweep) })
+	g.Go(func() error { return s.watchSync(st) })
 	if r.cfg.HeartbeatInterval > 0 {
-		g.Go(func() error { return s.heartbeat(ctx, gctx) })
+		g.Go(func() error { return s.heartbeat(st) })
 	}
 	g.Go(func() error { return s.watchOwner(gctx, own) })
-	err = g.Wait()
-	s.carryConfirmed()
-	return err
+	return g.Wait()
+}
+
+// stops are a stage's two ends. soft ends on a graceful stop (SIGTERM):
+// read no more, let what was read drain. hard ends when the pipeline is
+// cancelled (a failed stage, or a drain past RELAY_SHUTDOWN_TIMEOUT):
+// drop everything.
+type stops struct {
+	soft context.Context
+	hard context.Context
 }
 
 // errOwnerLost ends a session whose ownership lock may be gone.
-var errOwnerLost = fmt.Errorf("%w: the connection holding the slot's ownership lock ended", errDatabase)
+var errOwnerLost = databaseFailure(errors.New("the connection holding the slot's ownership lock ended"))
 
 // watchOwner ends the session when the ownership lock may be gone. Before
 // streaming (slot creation, the sweep) at once: a standby may now take the
@@ -297,7 +372,8 @@ func (s *session) carryConfirmed() {
 
 // read owns the replication connection for the whole session. When it
 // stops, for a signal or a failure, it lets the events already read finish.
-func (s *session) read(soft, ctx context.Context, sweep sweepCursor) (err error) {
+func (s *session) read(st stops, sweep sweepCursor) (err error) {
+	soft, hard := st.soft, st.hard
 	defer func() {
 		// Whatever happened, tell the server what is done: it shortens the
 		// replay after a restart and never claims more than is done. Not
@@ -309,18 +385,18 @@ func (s *session) read(soft, ctx context.Context, sweep sweepCursor) (err error)
 			err = serr
 		}
 	}()
-	err = s.stream(soft, ctx, sweep)
+	err = s.stream(st, sweep)
 	close(s.items)
 	switch {
 	case errors.Is(err, errStopping):
 		s.r.m.SetReady(false, "shutting down")
-		if err = s.awaitDrain(ctx); errors.Is(err, errStepAside) {
+		if err = s.awaitDrain(hard); errors.Is(err, errStepAside) {
 			s.stepAside()
 		}
 		return err
 	case errors.Is(err, errStepAside):
 		s.stepAside()
-	case err != nil && ctx.Err() == nil:
+	case err != nil && hard.Err() == nil:
 		// The stream failed but the broker may be fine: give the events in
 		// flight a moment to be confirmed, so they are marked (or carried
 		// to the next session) rather than published again.
@@ -329,7 +405,7 @@ func (s *session) read(soft, ctx context.Context, sweep sweepCursor) (err error)
 		select {
 		case <-s.drained:
 		case <-t.C:
-		case <-ctx.Done():
+		case <-hard.Done():
 		}
 	}
 	return err
@@ -340,16 +416,17 @@ var errStopping = errors.New("stopping")
 
 // stream starts replication and feeds the pipeline until it fails or soft
 // ends.
-func (s *session) stream(soft, ctx context.Context, sweep sweepCursor) error {
+func (s *session) stream(st stops, sweep sweepCursor) error {
+	soft, hard := st.soft, st.hard
 	if sweep != nil {
-		if err := s.sweep(soft, ctx, sweep); err != nil {
+		if err := s.sweep(st, sweep); err != nil {
 			return err
 		}
 	}
 	if soft.Err() != nil {
 		return errStopping
 	}
-	if err := s.conn.Start(ctx, s.r.cfg.Slot, s.r.cfg.Publication, 0); err != nil {
+	if err := s.conn.Start(hard, s.r.cfg.Slot, s.r.cfg.Publication, 0); err != nil {
 		if replication.SlotInUse(err) {
 			return errStandby
 		}
@@ -391,8 +468,8 @@ func (s *session) stream(soft, ctx context.Context, sweep sweepCursor) error {
 		if err := s.haltedWith(); err != nil {
 			return err
 		}
-		if ctx.Err() != nil {
-			return ctx.Err()
+		if hard.Err() != nil {
+			return hard.Err()
 		}
 		msg, err := s.conn.Receive(nextStatus)
 		now := time.Now()
@@ -408,14 +485,10 @@ func (s *session) stream(soft, ctx context.Context, sweep sweepCursor) error {
 			// (or network) that stopped answering without closing.
 			silent := now.Sub(s.lastHeard)
 			if silent > s.r.cfg.PostgresTimeout {
-				return fmt.Errorf("%w: no message on the replication stream for %s (RELAY_POSTGRES_TIMEOUT)",
-					errDatabase, silent.Round(time.Second))
+				return databaseFailure(fmt.Errorf("no message on the replication stream for %s (RELAY_POSTGRES_TIMEOUT)",
+					silent.Round(time.Second)))
 			}
-			if err := s.sendStatus(silent > interval); err != nil {
-				return err
-			}
-			nextStatus = now.Add(interval)
-			if err := s.checkStall(now); err != nil {
+			if err := s.statusNow(now, silent > interval, &nextStatus); err != nil {
 				return err
 			}
 			continue
@@ -435,11 +508,7 @@ func (s *session) stream(soft, ctx context.Context, sweep sweepCursor) error {
 			moved := s.tracker.AdvanceIdle(msg.ServerWALEnd)
 			switch {
 			case msg.ReplyRequested || !now.Before(nextStatus):
-				if err := s.sendStatus(false); err != nil {
-					return err
-				}
-				nextStatus = now.Add(interval)
-				if err := s.checkStall(now); err != nil {
+				if err := s.statusNow(now, false, &nextStatus); err != nil {
 					return err
 				}
 			case moved && s.prompt.Load():
@@ -474,7 +543,7 @@ func (s *session) stream(soft, ctx context.Context, sweep sweepCursor) error {
 			}
 			s.tracker.Add(tx)
 			it := &item{tx: tx, xid: xid, ev: m.Event}
-			if err := s.send(ctx, it, &nextStatus); err != nil {
+			if err := s.send(hard, it, &nextStatus); err != nil {
 				return err
 			}
 		case decoder.KindCommit:
@@ -488,11 +557,7 @@ func (s *session) stream(soft, ctx context.Context, sweep sweepCursor) error {
 			}
 		}
 		if !now.Before(nextStatus) {
-			if err := s.sendStatus(false); err != nil {
-				return err
-			}
-			nextStatus = now.Add(interval)
-			if err := s.checkStall(now); err != nil {
+			if err := s.statusNow(now, false, &nextStatus); err != nil {
 				return err
 			}
 		}
@@ -530,11 +595,7 @@ func (s *session) send(ctx context.Context, it *item, nextStatus *time.Time) err
 		if nextStatus != nil {
 			wait := time.Until(*nextStatus)
 			if wait <= 0 {
-				if err := s.sendStatus(false); err != nil {
-					return err
-				}
-				*nextStatus = time.Now().Add(s.r.cfg.StatusInterval)
-				if err := s.checkStall(time.Now()); err != nil {
+				if err := s.statusNow(time.Now(), false, nextStatus); err != nil {
 					return err
 				}
 				continue
@@ -654,6 +715,16 @@ func (s *session) awaitDrain(ctx context.Context) error {
 	}
 }
 
+// statusNow is the status update on the interval: it acknowledges the done
+// position, schedules the next update and runs the step-aside guard.
+func (s *session) statusNow(now time.Time, reply bool, next *time.Time) error {
+	if err := s.sendStatus(reply); err != nil {
+		return err
+	}
+	*next = now.Add(s.r.cfg.StatusInterval)
+	return s.checkStall(now)
+}
+
 // sendStatus acknowledges the done position.
 func (s *session) sendStatus(reply bool) error {
 	pos := s.tracker.Done()
@@ -681,22 +752,20 @@ func (s *session) sendStatus(reply bool) error {
 
 // heartbeat writes a transactional logical message now and then, so that a
 // server with no other traffic still moves the slot forward.
-func (s *session) heartbeat(soft, ctx context.Context) error {
+func (s *session) heartbeat(st stops) error {
+	soft, hard := st.soft, st.hard
 	t := time.NewTicker(s.r.cfg.HeartbeatInterval)
 	defer t.Stop()
 	for {
 		select {
 		case <-soft.Done():
 			return nil
-		case <-ctx.Done():
+		case <-hard.Done():
 			return nil
 		case <-t.C:
 		}
-		lsn, err := s.r.db.emitHeartbeat(ctx)
-		if err == nil {
-			s.r.heartbeatLSN.Store(uint64(lsn))
-		}
-		if err != nil && ctx.Err() == nil {
+		_, err := s.r.db.emitHeartbeat(hard)
+		if err != nil && hard.Err() == nil {
 			s.r.m.Retries.WithLabelValues("postgres", "heartbeat").Inc()
 			s.log.Warn().Err(err).Msg("heartbeat (RELAY_HEARTBEAT_INTERVAL) failed")
 		}
@@ -715,10 +784,8 @@ func (r *Relay) emitHeartbeat(ctx context.Context) (pglogrepl.LSN, error) {
 
 // carry remembers a confirmed, unmarked event for the next session.
 func (s *session) carry(it *item) {
-	if it.skip || it.ev.ID == "" {
+	if it.fate == fateSkip || it.ev.ID == "" {
 		return
 	}
-	if len(s.r.confirmed) < 4*s.r.cfg.PublishWindow+4*s.r.cfg.MarkBatchSize {
-		s.r.confirmed[it.ev.ID] = struct{}{}
-	}
+	s.r.carried.add(it.ev.ID, 4*s.r.cfg.PublishWindow+4*s.r.cfg.MarkBatchSize)
 }

@@ -11,7 +11,7 @@ import (
 
 	"github.com/outbox-relay/outbox-relay/checkpoint"
 	"github.com/outbox-relay/outbox-relay/decoder"
-	"github.com/outbox-relay/outbox-relay/migrations"
+	"github.com/outbox-relay/outbox-relay/internal/pgquote"
 )
 
 // beginSweep opens a read-only transaction on the slot's exported snapshot.
@@ -38,7 +38,7 @@ func (r *Relay) beginSweep(ctx context.Context, snapshot string) (sweepCursor, e
 		return nil, classifyPg(fmt.Errorf("begin table sweep: %w", err))
 	}
 	for _, q := range []string{
-		`SET TRANSACTION SNAPSHOT ` + migrations.QuoteLiteral(snapshot),
+		`SET TRANSACTION SNAPSHOT ` + pgquote.Literal(snapshot),
 		`SET LOCAL idle_in_transaction_session_timeout = 0`,
 		`SET LOCAL TimeZone = 'UTC'`,
 		`SET LOCAL DateStyle = 'ISO, YMD'`,
@@ -93,7 +93,7 @@ func (r *Relay) sweepQueries() []string {
 		SELECT id::text, aggregate_type::text, aggregate_id::text, event_type::text, payload::text, occurred_at::text
 		FROM `+r.tableIdent+` AS t WHERE published_at IS NULL AND `+where+`
 			AND NOT EXISTS (SELECT 1 FROM `+r.stateTable(confirmedTable)+` c
-				WHERE c.slot_name = `+migrations.QuoteLiteral(r.cfg.Slot)+` AND c.id = t.id)
+				WHERE c.slot_name = `+pgquote.Literal(r.cfg.Slot)+` AND c.id = t.id)
 		ORDER BY t.`+strings.Join(o.by, ", t."))
 	}
 	return out
@@ -167,7 +167,8 @@ func (p *pgSweep) fetch(ctx context.Context, n int) ([]decoder.Row, error) {
 // sweep feeds the unpublished rows of the snapshot into the pipeline,
 // a page at a time, so that a backlog of millions of rows takes bounded
 // memory.
-func (s *session) sweep(soft, ctx context.Context, cur sweepCursor) error {
+func (s *session) sweep(st stops, cur sweepCursor) error {
+	soft, hard := st.soft, st.hard
 	defer cur.close()
 	r := s.r
 	ctr := s.tracker.Begin()
@@ -182,7 +183,7 @@ func (s *session) sweep(soft, ctx context.Context, cur sweepCursor) error {
 	pages := sweepPager{}
 	r.m.SetReady(false, "sweeping table "+r.cfg.Table+": publishing the unpublished rows the new slot will never deliver")
 	for soft.Err() == nil {
-		n, largest, err := s.sweepPage(ctx, cur, ctr, pages.next())
+		n, largest, err := s.sweepPage(hard, cur, ctr, pages.next())
 		if err != nil {
 			return err
 		}
@@ -212,12 +213,12 @@ func (s *session) sweep(soft, ctx context.Context, cur sweepCursor) error {
 		case <-s.halted:
 			t.Stop()
 			return s.haltErr
-		case <-ctx.Done():
+		case <-hard.Done():
 			t.Stop()
-			return ctx.Err()
+			return hard.Err()
 		}
 	}
-	if err := r.db.setSweepPending(ctx, false); err != nil {
+	if err := r.db.setSweepPending(hard, false); err != nil {
 		return err
 	}
 	s.log.Warn().Int("rows", total).Msg("table sweep done: published the unpublished rows the slot will never deliver")

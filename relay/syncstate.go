@@ -115,14 +115,15 @@ func namesRelay(setting, app string) bool {
 // flush position), and then every SyncCheckInterval; the marker also checks
 // when rows stay invisible (checkSyncNow). Failures are logged
 // and retried at the next check: detection never ends a session.
-func (s *session) watchSync(soft, ctx context.Context) error {
+func (s *session) watchSync(st stops) error {
+	soft, hard := st.soft, st.hard
 	select {
 	case <-s.started:
 	case <-s.drained:
 		return nil
 	case <-soft.Done():
 		return nil
-	case <-ctx.Done():
+	case <-hard.Done():
 		return nil
 	}
 	pid := s.conn.PID()
@@ -138,7 +139,7 @@ func (s *session) watchSync(soft, ctx context.Context) error {
 			case <-soft.Done():
 				t.Stop()
 				return nil
-			case <-ctx.Done():
+			case <-hard.Done():
 				t.Stop()
 				return nil
 			}
@@ -147,7 +148,7 @@ func (s *session) watchSync(soft, ctx context.Context) error {
 		if checks == 0 {
 			wait = min(wait, time.Second)
 		}
-		s.checkSync(ctx, pid)
+		s.checkSync(hard, pid)
 	}
 }
 
