@@ -32,7 +32,7 @@ sim-check:
 
 ## sim: as many seeds as you ask, in parallel: make sim SEEDS=1000000
 sim:
-	$(GO) test -count=1 -timeout 0 -run '^TestSimulation$$' -v ./relay/ -seeds=$(SEEDS) | grep -vE '^(=== RUN|--- PASS|    --- PASS|        --- PASS)'
+	$(GO) test -count=1 -timeout 0 -run '^TestSimulation$$' -v ./relay/ -seeds=$(SEEDS) | grep -vE '^(=== (RUN|PAUSE|CONT)|\s*--- PASS)'
 
 ## mutants: break the engine on purpose (relay/testdata/mutants) and say
 ## how many seeds the simulator took to notice each
