@@ -80,7 +80,16 @@ func (s *session) publish(ctx context.Context) error {
 				return s.discard(ctx, batch)
 			}
 		}
-		for _, it := range batch {
+		for i, it := range batch {
+			if s.haltedWith() != nil {
+				// What a failed session has read and not published is read
+				// again by the next one: published now, it would be a
+				// duplicate for another relay that takes the slot over.
+				if err := flush(); err != nil {
+					return err
+				}
+				return s.discard(ctx, batch[i:])
+			}
 			if batcher != nil && !held {
 				batcher.Hold()
 				held = true

@@ -386,6 +386,9 @@ func (s *session) read(st stops, sweep sweepCursor) (err error) {
 		}
 	}()
 	err = s.stream(st, sweep)
+	if err != nil && !errors.Is(err, errStopping) && !errors.Is(err, errStepAside) {
+		s.halt(err) // the publisher publishes nothing more of what was read
+	}
 	close(s.items)
 	switch {
 	case errors.Is(err, errStopping):
