@@ -22,6 +22,26 @@
 //	    because their transaction is not yet visible (invariant 5). Only then
 //	    does it finish the events in the tracker.
 //
+// Reading it top-down: Run (relay.go) loops over sessions; session
+// (session.go) claims the slot, settles its state (slotState), connects,
+// creates the slot with its sweep if needed (createSlot), and runs the
+// pipeline (run); read and stream feed it; publish and confirm
+// (pipeline.go) and mark (mark.go) finish each item's fate; statusNow
+// acknowledges. The collaborators are behind the interfaces of seams.go,
+// which the simulator (sim_test.go, docs/simulation.md) replaces.
+//
+// # Failures
+//
+// A failure on the broker's side cancels the pipeline: what was not
+// confirmed is published again by the next session. A failure on the
+// database's side (the stream, a mark, the replay check) or the ownership
+// lock lost while streaming halts the session instead (session.halt): the
+// reader stops, the publisher publishes nothing more of what was read (the
+// next session reads it again), and what was published is confirmed (for
+// up to 5 s) and carried to the next session, which only marks it. A
+// graceful stop (SIGTERM) reads on to the current transaction's commit,
+// for at most half of RELAY_SHUTDOWN_TIMEOUT, and drains.
+//
 // # Guarantees
 //
 // Ack after done (1): the flushed LSN sent to PostgreSQL is the end of the
@@ -30,8 +50,8 @@
 // order hold. Nothing lost (2): every failure ends the session; the next one
 // starts from the slot's confirmed position and republishes whatever was not
 // acknowledged. Few duplicates (4): on replay, rows already marked are
-// skipped (checked in batches until the first unmarked row, since marks
-// follow stream order), and ids confirmed but not marked when a session
+// skipped (checked in batches until the first unmarked row still in the
+// table, since marks follow stream order), and ids confirmed but not marked when a session
 // failed (in the marker's batch, even one it was still filling, on their
 // way to it, or in the confirmer's hand-over) are carried to the next one
 // and only marked. Published twice:
@@ -77,7 +97,7 @@
 // the mark, the marker records (slot, id, xid) in outbox_relay_confirmed in
 // one local commit (synchronous_commit = local: it never waits on the
 // relay), and only then finishes those events in the tracker. The record
-// stands in for published_at: the replay filter (publishedRows) counts a
+// stands in for published_at: the replay filter (replayRows) counts a
 // recorded id as published, and so must the table sweep. Each marker round,
 // and at session start, one statement sets published_at on the recorded
 // rows now visible and deletes their records (and the records of rows
