@@ -308,7 +308,7 @@ func TestStopEndsAtACommit(t *testing.T) {
 	r := e.start(nil)
 	r.waitStreaming(t)
 	var events []event
-	for i := 0; i < 2000; i++ {
+	for i := 0; i < 1000; i++ {
 		events = append(events, newEvent("order", "created", fmt.Sprintf(`{"n":%d}`, i)))
 	}
 	e.insertTx(events, true, nil)
