@@ -286,6 +286,12 @@ func newSimWorld(seed int64) *simWorld {
 	}
 	w.cfg.Unroutable = []string{"dead-letter", "retry", "drop"}[r.IntN(3)]
 	w.generate()
+	if r.IntN(5) == 0 {
+		// The defaults' proportions: a window and a budget far larger than
+		// the workload, marks lingering for more.
+		w.cfg.PublishWindow, w.cfg.MarkBatchSize, w.cfg.MaxInflightBytes = 1000, 500, 64<<20
+		w.cfg.MarkDelay, w.cfg.StatusInterval = 5*time.Millisecond, time.Second
+	}
 	return w
 }
 
@@ -390,6 +396,9 @@ func (w *simWorld) generate() {
 	span := at + 500*time.Millisecond
 	two := r.IntN(3) == 0
 	nf := r.IntN(7)
+	if r.IntN(10) == 0 {
+		nf = 8 + r.IntN(12) // a storm of faults
+	}
 	kinds := []string{"crash", "crash", "stream-cut", "broker-close", "broker-down", "broker-block", "nack",
 		"store-timeout", "store-lost-reply", "owner-cut", "slot-lost", "slot-dropped", "delete-row", "stop",
 		"unroutable", "pg-restart"}
