@@ -253,13 +253,12 @@ type simWorld struct {
 	cuts, crashes   int
 	lostReply       bool // the next mark commits and loses its reply
 
-	violations          []string
-	maxUnconfirmedBytes int64
-	lives               []*simLife
-	everyLife           []*simLife // every lifetime launched
-	plan                []simFault
-	workload            []*simTx
-	preloaded           int
+	violations []string
+	lives      []*simLife
+	everyLife  []*simLife // every lifetime launched
+	plan       []simFault
+	workload   []*simTx
+	preloaded  int
 }
 
 func newSimWorld(seed int64) *simWorld {
@@ -433,7 +432,6 @@ type simLife struct {
 	err     error
 	conns   []*simBrokerConn
 	streams []*simStream
-	owned   bool
 }
 
 func (w *simWorld) run() simResult {
@@ -672,9 +670,7 @@ func (w *simWorld) inject(f simFault, l *simLife) *simLife {
 	case "stream-cut":
 		w.cuts++
 		for _, s := range l.streams {
-			if !s.broken {
-				s.broken = true
-			}
+			s.broken = true
 		}
 	case "broker-close":
 		w.cuts++
@@ -1481,16 +1477,15 @@ func simInsert(row *simRow) []byte {
 // confirmed a moment after that; a connection that closes loses what it had
 // not routed yet, and fails every confirmation it owed.
 type simBrokerConn struct {
-	w        *simWorld
-	l        *simLife
-	id       int
-	closed   bool
-	why      string
-	transit  []*simPending // published, not yet routed, in order
-	owed     int64         // event bytes published and not yet confirmed
-	owedN    int
-	lastSeen time.Time
-	model    sink.AMQPModel
+	w       *simWorld
+	l       *simLife
+	id      int
+	closed  bool
+	why     string
+	transit []*simPending // published, not yet routed, in order
+	owed    int64         // event bytes published and not yet confirmed
+	owedN   int
+	model   sink.AMQPModel
 }
 
 type simPending struct {
@@ -1500,7 +1495,6 @@ type simPending struct {
 	routeAt   time.Time
 	confirmAt time.Time
 	outcome   sink.Outcome
-	routed    bool
 	settled   bool
 }
 
@@ -1525,7 +1519,6 @@ func (c *simBrokerConn) route(now time.Time) {
 	for len(c.transit) > 0 && !c.transit[0].routeAt.After(now) {
 		p := c.transit[0]
 		c.transit = c.transit[1:]
-		p.routed = true
 		if p.outcome == sink.Acked {
 			c.w.queue = append(c.w.queue, simDelivery{id: p.id})
 		}
