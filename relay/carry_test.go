@@ -10,7 +10,10 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+	"github.com/rs/zerolog"
 
+	"github.com/outbox-relay/outbox-relay/config"
+	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -65,6 +68,22 @@ func (e *env) times(id string) int {
 	return e.ids[id]
 }
 
+// backlogBehindSlot creates the slot with a relay that then stops, and
+// commits n single-event transactions behind it: the next relay streams
+// them, with the pipeline as full as its configuration lets it be.
+func (e *env) backlogBehindSlot(n int) []event {
+	e.t.Helper()
+	r := e.start(nil)
+	r.waitStreaming(e.t)
+	r.stop(e.t)
+	events := make([]event, n)
+	for i := range events {
+		events[i] = newEvent("order", "created", fmt.Sprintf(`{"n":%d}`, i))
+		e.insertTx(events[i:i+1], true, nil)
+	}
+	return events
+}
+
 // exactlyOnce fails unless every event was received exactly once and every
 // row is marked.
 func (e *env) exactlyOnce(events []event) {
@@ -116,15 +135,7 @@ func TestConfirmedEventInTheConfirmersForwardIsCarried(t *testing.T) {
 	e := newEnv(t)
 	e.cfg.MarkBatchSize = 1 // the confirmed channel holds 2
 	e.cfg.MarkDelay = 0
-	r := e.start(nil)
-	r.waitStreaming(t) // creates the slot
-	r.stop(t)
-
-	var events []event
-	for i := 0; i < 4; i++ {
-		events = append(events, newEvent("order", "created", fmt.Sprintf(`{"n":%d}`, i)))
-		e.insertTx(events[i:i+1], true, nil)
-	}
+	events := e.backlogBehindSlot(4)
 	failing := newEvent("order", "paid", `{"n":5}`)
 	e.insertTx([]event{failing}, true, nil)
 
@@ -139,7 +150,7 @@ func TestConfirmedEventInTheConfirmersForwardIsCarried(t *testing.T) {
 	must(t, err)
 
 	w := newTripwire(failing.ID)
-	r = e.start(w.wrap)
+	r := e.start(w.wrap)
 	waitFor(t, 20*time.Second, "4 confirmations", func() bool { return histogramCount(t, r.metrics.ConfirmSeconds) >= 4 })
 	close(w.release) // the broker fails on the fifth
 	waitFor(t, 20*time.Second, "the session to fail", func() bool {
@@ -163,15 +174,7 @@ func TestAFailedMarkCarriesWhatIsInFlight(t *testing.T) {
 	e.cfg.MarkBatchSize = 1 // the confirmed channel holds 2; the rest wait in the window
 	e.cfg.MarkDelay = 0
 	e.cfg.PostgresTimeout = 2 * time.Second // lock_timeout 1 s
-	r := e.start(nil)
-	r.waitStreaming(t) // creates the slot
-	r.stop(t)
-
-	var events []event
-	for i := 0; i < 40; i++ {
-		events = append(events, newEvent("order", "created", fmt.Sprintf(`{"n":%d}`, i)))
-		e.insertTx(events[i:i+1], true, nil)
-	}
+	events := e.backlogBehindSlot(40)
 	ctx := context.Background()
 	lock, err := e.pool.Begin(ctx)
 	must(t, err)
@@ -179,9 +182,90 @@ func TestAFailedMarkCarriesWhatIsInFlight(t *testing.T) {
 	_, err = lock.Exec(ctx, `SELECT 1 FROM outbox_events WHERE id = $1 FOR UPDATE`, events[0].ID)
 	must(t, err)
 
-	r = e.start(nil)
+	r := e.start(nil)
 	waitFor(t, 20*time.Second, "all 40 to reach the broker", func() bool { return e.receivedCount() >= 40 })
 	waitFor(t, 20*time.Second, "the mark to fail on the lock", func() bool {
+		return counterValue(t, r.metrics.Reconnects.WithLabelValues("postgres")) > 0
+	})
+	must(t, lock.Rollback(ctx))
+	waitFor(t, 30*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
+	r.stop(t)
+	e.exactlyOnce(events)
+}
+
+// countingPublisher counts publishes; their confirmations never come.
+type countingPublisher struct {
+	sink.Publisher
+	n atomic.Int64
+}
+
+func (c *countingPublisher) Publish(context.Context, *sink.Message) (sink.Pending, error) {
+	c.n.Add(1)
+	return nil, nil
+}
+
+func (c *countingPublisher) Reject(*sink.Message) string { return "" }
+
+// TestAHaltedSessionPublishesNothingMore (invariant 4): once a session has
+// failed, what its reader read and the publisher has not published is left
+// for the next session to read again, and its bytes go back to the budget.
+// Published, it would be a duplicate for a standby that takes the slot
+// over (the simulator, seed 163308: 14 duplicates).
+func TestAHaltedSessionPublishesNothingMore(t *testing.T) {
+	cfg := &config.Config{MarkBatchSize: 8, PublishWindow: 8, MaxInflightBytes: 1 << 20, Table: "public.outbox_events",
+		RoutingKey: "{aggregate_type}.{event_type}"}
+	r, err := build(Options{Config: cfg, Log: zerolog.Nop(),
+		NewPublisher: func(context.Context) (sink.Publisher, error) { return nil, nil }})
+	must(t, err)
+	pub := &countingPublisher{}
+	s := r.newSession(nil, pub, 0)
+	for i := 0; i < 5; i++ {
+		it := &item{tx: s.tracker.Begin(), ev: decoder.Event{ID: fmt.Sprint(i), Payload: []byte(`{}`)}}
+		it.bytes = eventBytes(&it.ev)
+		if ok, _ := s.inflight.acquire(it.bytes); !ok {
+			t.Fatal("the budget refused a 3-byte event")
+		}
+		s.items <- it
+	}
+	s.halt(errors.New("test: the stream failed"))
+	close(s.items)
+	s.filtering = false
+	must(t, s.publish(context.Background()))
+	if n := pub.n.Load(); n != 0 {
+		t.Fatalf("a halted session published %d events it had read; want 0", n)
+	}
+	if used := s.inflight.inUse(); used != 0 {
+		t.Fatalf("%d bytes of dropped events still held in the budget", used)
+	}
+}
+
+// TestAFailedMarkDuringTheSweepEndsTheSession: a mark that fails while the
+// table sweep waits for its rows to be marked ends the session (which used
+// to wait forever for rows a halted marker never marks: the simulator,
+// seed 196), and the next session sweeps again without losing or repeating
+// an event.
+func TestAFailedMarkDuringTheSweepEndsTheSession(t *testing.T) {
+	e := newEnv(t)
+	e.cfg.MarkBatchSize = 1
+	e.cfg.MarkDelay = 0
+	e.cfg.PostgresTimeout = 2 * time.Second // lock_timeout 1 s
+	events := make([]event, 20)
+	for i := range events {
+		events[i] = newEvent("order", "created", fmt.Sprintf(`{"n":%d}`, i))
+		e.insertTx(events[i:i+1], true, nil)
+	}
+	ctx := context.Background()
+	lock, err := e.pool.Begin(ctx)
+	must(t, err)
+	defer lock.Rollback(ctx) //nolint:errcheck // released below; this is for a failed test
+	// A table lock, not a row lock: a row lock takes an xid, and slot
+	// creation would wait for it. SHARE mode lets the sweep read and holds
+	// every mark back.
+	_, err = lock.Exec(ctx, `LOCK TABLE outbox_events IN SHARE MODE`)
+	must(t, err)
+
+	r := e.start(nil) // no slot yet: it creates one and sweeps the 20 rows
+	waitFor(t, 20*time.Second, "the sweep's mark to fail on the lock and the session to end", func() bool {
 		return counterValue(t, r.metrics.Reconnects.WithLabelValues("postgres")) > 0
 	})
 	must(t, lock.Rollback(ctx))
