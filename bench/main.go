@@ -17,7 +17,7 @@
 // slot, exchanges, queues) is removed at the end, also after a failure or
 // Ctrl-C. Any event not received, or any row not marked, fails the run.
 //
-//	go run ./cmd/outbox-relay-bench [-n 100000] [-repeat 3] [-json …] [-png …]
+//	cd bench && go run . [-n 100000] [-repeat 3] [-json …] [-png …]
 package main
 
 import (
@@ -172,7 +172,8 @@ func logf(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "[%7.1fs] %s\n", time.Since(base).Seconds(), fmt.Sprintf(format, args...))
 }
 
-// moduleRoot is the directory holding go.mod (make bench runs from there).
+// moduleRoot is the relay's module root: the parent of the bench's own
+// module (bench/go.mod), where ./cmd/outbox-relay is built from.
 func moduleRoot() (string, error) {
 	out, err := exec.Command("go", "env", "GOMOD").Output()
 	if err != nil {
@@ -180,9 +181,17 @@ func moduleRoot() (string, error) {
 	}
 	mod := strings.TrimSpace(string(out))
 	if mod == "" || mod == os.DevNull {
-		return "", errors.New("run the bench from inside the outbox-relay module")
+		return "", errors.New("run the bench from its module, bench/ (make bench does)")
 	}
-	return filepath.Dir(mod), nil
+	for dir := filepath.Dir(mod); ; dir = filepath.Dir(dir) {
+		b, err := os.ReadFile(filepath.Join(dir, "go.mod"))
+		if err == nil && strings.HasPrefix(string(b), "module github.com/outbox-relay/outbox-relay\n") {
+			return dir, nil
+		}
+		if dir == filepath.Dir(dir) {
+			return "", fmt.Errorf("no outbox-relay module above %s", mod)
+		}
+	}
 }
 
 func gitDescribe(root string) string {
