@@ -16,6 +16,12 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
+// RELAY_ON_PUBLISHED values.
+const (
+	OnPublishedMark   = "mark"
+	OnPublishedDelete = "delete"
+)
+
 // Config is the whole configuration. Every field is documented in the README
 // with its default; the env tags are the contract.
 type Config struct {
@@ -57,6 +63,10 @@ type Config struct {
 	// table) and not yet confirmed by the broker: the window caps events,
 	// this caps their bytes. A single larger event still passes, alone.
 	MaxInflightBytes int `env:"RELAY_MAX_INFLIGHT_BYTES" envDefault:"67108864"`
+	// OnPublished is what the marker does to a row once the broker has
+	// confirmed its event: mark (set published_at, the seed's behaviour)
+	// or delete (remove the row: about a tenth of the mark's WAL).
+	OnPublished string `env:"RELAY_ON_PUBLISHED" envDefault:"mark"`
 	// MarkBatchSize caps the ids one UPDATE marks published.
 	MarkBatchSize int `env:"RELAY_MARK_BATCH_SIZE" envDefault:"500"`
 	// MarkDelay is how long the marker waits to fill a batch: fewer
@@ -230,6 +240,11 @@ func (c *Config) Validate() error {
 	case "dead-letter", "retry", "drop":
 	default:
 		errs = append(errs, fmt.Errorf("RELAY_UNROUTABLE %q is not one of dead-letter, retry, drop", c.Unroutable))
+	}
+	switch c.OnPublished {
+	case OnPublishedMark, OnPublishedDelete:
+	default:
+		errs = append(errs, fmt.Errorf("RELAY_ON_PUBLISHED %q is not one of %s, %s", c.OnPublished, OnPublishedMark, OnPublishedDelete))
 	}
 	positive := func(name string, v int) {
 		if v <= 0 {

@@ -20,8 +20,8 @@
 --   state_schema    schema of outbox_relay_slot_state and
 --                   outbox_relay_confirmed (public: where migrate created
 --                   them, the first schema on its search_path)
---   retention       true to grant DELETE, needed by `outbox-relay prune` and
---                   RELAY_RETENTION                  (false)
+--   retention       true to grant DELETE, needed by `outbox-relay prune`,
+--                   RELAY_RETENTION and RELAY_ON_PUBLISHED=delete (false)
 --
 -- Producers (the application roles that insert events) need only INSERT:
 -- since migration 004 relay_seq's default is a SECURITY DEFINER function
@@ -42,7 +42,8 @@
 --   SELECT on the table the sweep of rows the stream cannot deliver, status,
 --                       and the WHERE clauses of the mark and of prune.
 --   UPDATE (published_at) only: mark rows published. No other column.
---   DELETE              only with retention (prune, RELAY_RETENTION).
+--   DELETE              only with retention (prune, RELAY_RETENTION) or
+--                       RELAY_ON_PUBLISHED=delete.
 --   SELECT, INSERT, UPDATE on outbox_relay_slot_state: whether the table
 --                       sweep after creating the slot has finished.
 --   SELECT, INSERT, DELETE on outbox_relay_confirmed: confirmed events whose

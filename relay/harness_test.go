@@ -67,6 +67,7 @@ func newEnvAt(t *testing.T, dbURL string) *env {
 		Unroutable:         "dead-letter",
 		LogLevel:           "info",
 		LogFormat:          "console",
+		OnPublished:        config.OnPublishedMark,
 		PublishWindow:      1000,
 		MarkBatchSize:      500,
 		MaxInflightBytes:   64 << 20,

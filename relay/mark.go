@@ -280,8 +280,7 @@ func (s *session) markOrRecord(ctx context.Context, ids []string, batch []*item)
 func (r *Relay) markOrRecord(ctx context.Context, ids, recIDs []string, xids []int64) ([]string, int, error) {
 	q := `WITH cur AS (SELECT pg_current_snapshot() AS snap,
 			pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax),
-		marked AS (UPDATE ` + r.tableIdent + ` SET published_at = now()
-			WHERE id = ANY($2::uuid[]) AND published_at IS NULL RETURNING id),
+		marked AS (` + r.markSQL("$2") + `),
 		x AS (SELECT u.id, ` + widenXid("u.xid") + ` AS xid, cur.snap
 			FROM unnest($3::uuid[], $4::bigint[]) AS u(id, xid), cur),
 		rec AS (INSERT INTO ` + r.stateTable(confirmedTable) + ` (slot_name, id, xid)
@@ -384,11 +383,17 @@ func (r *Relay) countRecorded(ctx context.Context) (int, error) {
 // row is not there: deleted) are deleted too, and returned in gone.
 func (r *Relay) completeRecorded(ctx context.Context) (int, []string, error) {
 	t := r.tableIdent
-	q := `WITH marked AS (
-			UPDATE ` + t + ` o SET published_at = now()
+	done := `UPDATE ` + t + ` o SET published_at = now()
 			FROM ` + r.stateTable(confirmedTable) + ` c
 			WHERE c.slot_name = $1 AND o.id = c.id AND o.published_at IS NULL
-			RETURNING o.id)
+			RETURNING o.id`
+	if r.deleting() {
+		done = `DELETE FROM ` + t + ` o
+			USING ` + r.stateTable(confirmedTable) + ` c
+			WHERE c.slot_name = $1 AND o.id = c.id AND o.published_at IS NULL
+			RETURNING o.id`
+	}
+	q := `WITH marked AS (` + done + `)
 		DELETE FROM ` + r.stateTable(confirmedTable) + ` c
 		WHERE c.slot_name = $1 AND (
 			c.id IN (SELECT id FROM marked)
@@ -440,11 +445,28 @@ func remove(ids, done []string) []string {
 	return out
 }
 
-// markRows marks the rows published and returns the ids it updated.
+// markSQL is the statement that records the rows of the uuid[] parameter
+// param as published, returning the ids it reached: an UPDATE of
+// published_at, or with RELAY_ON_PUBLISHED=delete a DELETE. Either reaches
+// only visible rows not marked yet, so the marker's retries and the
+// replay's checks are the same in both modes.
+func (r *Relay) markSQL(param string) string {
+	if r.deleting() {
+		return `DELETE FROM ` + r.tableIdent + `
+		WHERE id = ANY(` + param + `::uuid[]) AND published_at IS NULL RETURNING id`
+	}
+	return `UPDATE ` + r.tableIdent + ` SET published_at = now()
+		WHERE id = ANY(` + param + `::uuid[]) AND published_at IS NULL RETURNING id`
+}
+
+// markRows marks (or deletes) the rows published and returns the ids it
+// reached.
 func (r *Relay) markRows(ctx context.Context, ids []string) ([]string, error) {
-	q := `UPDATE ` + r.tableIdent + ` SET published_at = now()
-		WHERE id = ANY($1::uuid[]) AND published_at IS NULL RETURNING id::text`
-	return r.ids(ctx, "mark rows published", q, ids)
+	what := "mark rows published"
+	if r.deleting() {
+		what = "delete published rows"
+	}
+	return r.ids(ctx, what, `WITH m AS (`+r.markSQL("$1")+`) SELECT id::text FROM m`, ids)
 }
 
 // publishedRows returns the ids among ids whose rows are already marked,
@@ -470,18 +492,37 @@ func (r *Relay) ids(ctx context.Context, what, q string, args ...any) ([]string,
 	return out, nil
 }
 
-// replayRows sorts the ids of replayed events: done (marked, or recorded
-// as confirmed for this slot) and gone (no longer in the table, and not
-// recorded).
-func (r *Relay) replayRows(ctx context.Context, ids []string) (done, gone []string, err error) {
+// replayRows sorts the ids of replayed events (xids: their transactions)
+// into done (marked, or recorded as confirmed for this slot) and gone (no
+// longer in the table, and not recorded). With RELAY_ON_PUBLISHED=delete a
+// row the marker deleted is no longer there: a row missing whose
+// transaction is visible is done (deleted after its confirm, or by the
+// application: nothing to publish either way), and one whose transaction is
+// not visible yet (a commit waiting for a synchronous standby) is neither,
+// so it is published.
+func (r *Relay) replayRows(ctx context.Context, ids []string, xids []int64) (done, gone []string, err error) {
 	q := `SELECT u.id::text, s.done, o.id IS NULL AND NOT s.done
 		FROM unnest($1::uuid[]) AS u(id)
 		LEFT JOIN ` + r.tableIdent + ` o ON o.id = u.id
 		CROSS JOIN LATERAL (SELECT COALESCE(o.published_at IS NOT NULL, false) OR EXISTS (
 			SELECT 1 FROM ` + r.stateTable(confirmedTable) + ` c WHERE c.slot_name = $2 AND c.id = u.id)) AS s(done)`
+	args := []any{ids, r.cfg.Slot}
+	if r.deleting() {
+		q = `WITH cur AS (SELECT pg_current_snapshot() AS snap,
+				pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax)
+		SELECT u.id::text,
+			s.done OR (o.id IS NULL AND u.xid <> 0 AND pg_visible_in_snapshot(` + widenXid("u.xid") + `, cur.snap)),
+			o.id IS NULL AND NOT s.done AND u.xid = 0
+		FROM unnest($1::uuid[], $3::bigint[]) AS u(id, xid)
+		CROSS JOIN cur
+		LEFT JOIN ` + r.tableIdent + ` o ON o.id = u.id
+		CROSS JOIN LATERAL (SELECT COALESCE(o.published_at IS NOT NULL, false) OR EXISTS (
+			SELECT 1 FROM ` + r.stateTable(confirmedTable) + ` c WHERE c.slot_name = $2 AND c.id = u.id)) AS s(done)`
+		args = append(args, xids)
+	}
 	qctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
 	defer cancel()
-	rows, err := r.opt.Pool.Query(qctx, q, ids, r.cfg.Slot)
+	rows, err := r.opt.Pool.Query(qctx, q, args...)
 	if err != nil {
 		return nil, nil, classifyPg(fmt.Errorf("read replayed rows: %w", err))
 	}
@@ -559,15 +600,17 @@ func (r *Relay) rowGone(ctx context.Context, id string, xid uint32) (bool, error
 // filtering stops for the rest of the session.
 func (s *session) filterPublished(ctx context.Context, batch []*item) error {
 	ids := make([]string, 0, len(batch))
+	xids := make([]int64, 0, len(batch))
 	for _, it := range batch {
 		if !it.sweep && it.ev.ID != "" && !it.ev.Published {
 			ids = append(ids, it.ev.ID)
+			xids = append(xids, int64(it.xid))
 		}
 	}
 	if len(ids) == 0 {
 		return nil
 	}
-	published, gone, err := s.r.db.replayRows(ctx, ids)
+	published, gone, err := s.r.db.replayRows(ctx, ids, xids)
 	if err != nil {
 		return err
 	}

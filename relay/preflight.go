@@ -10,6 +10,8 @@ import (
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/outbox-relay/outbox-relay/config"
 )
 
 // slotInfo is the slot's row in pg_replication_slots.
@@ -60,6 +62,9 @@ func (r *Relay) preflight(ctx context.Context) (slotInfo, error) {
 		return si, fmt.Errorf("%w: table %s has no relay_seq column, which orders the table sweep: "+
 			"run `outbox-relay migrate` (migration 004 adds it without rewriting the table)", ErrMisconfigured, r.cfg.Table)
 	}
+	if err := r.checkWritePrivilege(ctx); err != nil {
+		return si, err
+	}
 	if err := r.findStateTables(ctx); err != nil {
 		return si, err
 	}
@@ -96,6 +101,34 @@ func (r *Relay) preflight(ctx context.Context) (slotInfo, error) {
 	}
 	return si, nil
 }
+
+// checkWritePrivilege fails before anything is published when the role
+// cannot do what the marker does to a confirmed row: publishing events whose
+// rows it then cannot mark or delete would only publish them again at every
+// restart.
+func (r *Relay) checkWritePrivilege(ctx context.Context) error {
+	var ok bool
+	var role string
+	q := `SELECT has_column_privilege($1::regclass, 'published_at', 'UPDATE'), current_user`
+	what := "UPDATE (published_at)"
+	if r.deleting() {
+		q = `SELECT has_table_privilege($1::regclass, 'DELETE'), current_user`
+		what = "DELETE"
+	}
+	if err := r.opt.Pool.QueryRow(ctx, q, r.tableIdent).Scan(&ok, &role); err != nil {
+		return classifyPg(fmt.Errorf("check privileges on %s: %w", r.cfg.Table, err))
+	}
+	if !ok {
+		return fmt.Errorf("%w: RELAY_ON_PUBLISHED=%s needs %s on %s, which role %q lacks: "+
+			"GRANT %s ON %s TO %s (deploy/least-privilege.sql)",
+			ErrMisconfigured, r.cfg.OnPublished, what, r.cfg.Table, role, what, r.tableIdent, pgx.Identifier{role}.Sanitize())
+	}
+	return nil
+}
+
+// deleting reports RELAY_ON_PUBLISHED=delete: a confirmed event's row is
+// deleted instead of marked.
+func (r *Relay) deleting() bool { return r.cfg.OnPublished == config.OnPublishedDelete }
 
 // dropSlot drops the relay's slot (lost, or its sweep never finished).
 func (r *Relay) dropSlot(ctx context.Context) error {

@@ -54,15 +54,17 @@ type store interface {
 	setSweepPending(ctx context.Context, pending bool) error
 	watchSlotCreation(ctx context.Context, walsender uint32) (stop func())
 	beginSweep(ctx context.Context, snapshot string) (sweepCursor, error)
-	// markRows sets published_at on the visible, unmarked rows of ids and
-	// returns the ids it updated.
+	// markRows sets published_at on (or, RELAY_ON_PUBLISHED=delete,
+	// deletes) the visible, unmarked rows of ids and returns the ids it
+	// reached.
 	markRows(ctx context.Context, ids []string) ([]string, error)
 	// publishedRows returns the ids already marked, or recorded as
 	// confirmed for this slot.
 	publishedRows(ctx context.Context, ids []string) ([]string, error)
-	// replayRows sorts replayed ids into done (as publishedRows) and gone
-	// (no longer in the table).
-	replayRows(ctx context.Context, ids []string) (done, gone []string, err error)
+	// replayRows sorts replayed ids (xids: their transactions) into done
+	// (as publishedRows, or deleted by RELAY_ON_PUBLISHED=delete) and gone
+	// (no longer in the table, unknown whether published).
+	replayRows(ctx context.Context, ids []string, xids []int64) (done, gone []string, err error)
 	// rowGone: the transaction xid (0 for a swept row) is visible and the
 	// row is not there: deleted before its mark.
 	rowGone(ctx context.Context, id string, xid uint32) (bool, error)

@@ -180,6 +180,7 @@ type simRow struct {
 	seq                             int64
 	tx                              *simTx
 	published, deleted              bool
+	removed                         bool // deleted by the relay (RELAY_ON_PUBLISHED=delete) once published
 	poison                          bool // the relay must dead-letter it
 }
 
@@ -284,6 +285,12 @@ func newSimWorld(seed int64) *simWorld {
 		PostgresTimeout:  2 * time.Second,
 	}
 	w.cfg.Unroutable = []string{"dead-letter", "retry", "drop"}[r.IntN(3)]
+	// RELAY_ON_PUBLISHED from a stream of its own, so that adding it left
+	// every earlier seed's workload and faults as they were.
+	w.cfg.OnPublished = config.OnPublishedMark
+	if rand.New(rand.NewPCG(uint64(seed), 0xde1e7e)).IntN(3) == 0 {
+		w.cfg.OnPublished = config.OnPublishedDelete
+	}
 	w.generate()
 	if r.IntN(5) == 0 {
 		// The defaults' proportions: a window and a budget far larger than
@@ -730,7 +737,7 @@ func (w *simWorld) inject(f simFault, l *simLife) *simLife {
 	case "delete-row":
 		// The application deletes the newest row it has.
 		for i := len(w.txs) - 1; i >= 0; i-- {
-			if tx := w.txs[i]; !tx.empty && len(tx.rows) > 0 && !tx.rows[0].deleted {
+			if tx := w.txs[i]; !tx.empty && len(tx.rows) > 0 && !tx.rows[0].deleted && !tx.rows[0].removed {
 				tx.rows[0].deleted = true
 				w.step("row %s deleted by the application", tx.rows[0].id)
 				break
@@ -1102,9 +1109,10 @@ func (s *simStore) markRows(ctx context.Context, ids []string) ([]string, error)
 			continue
 		}
 		row.published = true
+		row.removed = s.w.cfg.OnPublished == config.OnPublishedDelete
 		out = append(out, id)
 	}
-	s.w.step("relay%d.%d marks %d of %d rows", s.l.relay, s.l.gen, len(out), len(ids))
+	s.w.step("relay%d.%d marks %d of %d rows (%s)", s.l.relay, s.l.gen, len(out), len(ids), s.w.cfg.OnPublished)
 	if s.w.lostReply {
 		// The commit went through; its reply did not.
 		s.w.lostReply = false
@@ -1122,20 +1130,31 @@ func (s *simStore) publishedRows(ctx context.Context, ids []string) ([]string, e
 	defer s.leave()
 	var out []string
 	for _, id := range ids {
-		if row := s.w.rows[id]; row != nil && row.published && !row.deleted {
+		if row := s.w.rows[id]; row != nil && row.published && !row.deleted && !row.removed {
 			out = append(out, id)
 		}
 	}
 	return out, nil
 }
 
-func (s *simStore) replayRows(ctx context.Context, ids []string) (done, gone []string, err error) {
+func (s *simStore) replayRows(ctx context.Context, ids []string, xids []int64) (done, gone []string, err error) {
 	if err := s.enter(ctx, "read replayed rows"); err != nil {
 		return nil, nil, err
 	}
 	defer s.leave()
-	for _, id := range ids {
+	deleting := s.w.cfg.OnPublished == config.OnPublishedDelete
+	now := time.Now()
+	for i, id := range ids {
 		switch row := s.w.rows[id]; {
+		case deleting && (row == nil || row.deleted || row.removed):
+			// As the real query: a missing row of a visible transaction
+			// is done, one of an invisible transaction is neither.
+			switch {
+			case xids[i] == 0:
+				gone = append(gone, id)
+			case row == nil || !now.Before(row.tx.visibleAt):
+				done = append(done, id)
+			}
 		case row == nil || row.deleted:
 			gone = append(gone, id)
 		case row.published:
@@ -1157,7 +1176,7 @@ func (s *simStore) rowGone(ctx context.Context, id string, xid uint32) (bool, er
 	if xid != 0 && time.Now().Before(row.tx.visibleAt) {
 		return false, nil
 	}
-	return row.deleted, nil
+	return row.deleted || row.removed, nil
 }
 
 func (s *simStore) markOrRecord(context.Context, []string, []string, []int64) ([]string, int, error) {
