@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -18,11 +19,13 @@ import (
 )
 
 type bench struct {
-	opt  options
-	tag  uint32
-	name string // database, slot and prefix of every broker object
-	root string
-	tmp  string
+	mode        string // RELAY_ON_PUBLISHED of the relay started next
+	pgstattuple bool
+	opt         options
+	tag         uint32
+	name        string // database, slot and prefix of every broker object
+	root        string
+	tmp         string
 
 	dbURL     string
 	admin     *pgx.Conn
@@ -121,6 +124,9 @@ func (b *bench) run(ctx context.Context) error {
 	if b.pool, err = newPool(ctx, b.dbURL, "outbox-relay-bench", 4); err != nil {
 		return err
 	}
+	if err := b.prepareCost(ctx); err != nil {
+		return err
+	}
 
 	// RabbitMQ: the relay's exchange (declared as the relay declares it),
 	// a durable queue bound to everything, the polling design's queue, and
@@ -145,11 +151,17 @@ func (b *bench) run(ctx context.Context) error {
 	}
 
 	for i := 0; i < o.Repeat; i++ {
-		d, err := b.relayDrain(ctx, i)
-		if err != nil {
-			return err
+		for _, mode := range onPublished {
+			d, err := b.relayDrain(ctx, i, mode)
+			if err != nil {
+				return err
+			}
+			if mode == "mark" {
+				b.res.Drain = append(b.res.Drain, d)
+			} else {
+				b.res.DrainDelete = append(b.res.DrainDelete, d)
+			}
 		}
-		b.res.Drain = append(b.res.Drain, d)
 		for _, window := range []int{o.Window, 0} {
 			name := fmt.Sprintf("broker limit, window %d, run %d", window, i+1)
 			if window == 0 {
@@ -178,6 +190,23 @@ func (b *bench) run(ctx context.Context) error {
 		return err
 	}
 
+	// The relay still runs in the last drain's mode (delete): latency in
+	// delete mode first, single-event transactions only, then the mark's.
+	for rep := 0; rep < o.Repeat; rep++ {
+		for _, rate := range o.LatencyRates {
+			if err := b.latency(ctx, "relay (delete)", rate, 1, rep); err != nil {
+				return err
+			}
+		}
+	}
+	logf("restarting the relay with RELAY_ON_PUBLISHED=mark for the latency runs")
+	if err := b.stopRelay(); err != nil {
+		return err
+	}
+	b.mode = "mark"
+	if err := b.startRelay(); err != nil {
+		return err
+	}
 	for rep := 0; rep < o.Repeat; rep++ {
 		for _, rate := range o.LatencyRates {
 			for _, k := range o.LatencyTxRows {
@@ -251,13 +280,17 @@ func (b *bench) declareTopology() error {
 
 func (b *bench) startRelay() error {
 	b.relayRun++
-	p, err := startRelay(b.relayBin, b.relayEnv, filepath.Join(b.tmp, "relay.log"))
+	env := append(append([]string(nil), b.relayEnv...), "RELAY_ON_PUBLISHED="+cmp.Or(b.mode, "mark"))
+	p, err := startRelay(b.relayBin, env, filepath.Join(b.tmp, "relay.log"))
 	if err != nil {
 		return err
 	}
 	b.relay = p
 	return nil
 }
+
+// onPublished is RELAY_ON_PUBLISHED's values, as the bench runs them.
+var onPublished = []string{"mark", "delete"}
 
 func (b *bench) stopRelay() error {
 	if b.relay == nil {
@@ -329,18 +362,25 @@ type drainRun struct {
 	PeakRSSMiB      float64 `json:"peak_rss_mib,omitempty"`
 	Duplicates      int64   `json:"duplicates"`
 	Reorders        int64   `json:"reorders"`
+	Mode            string  `json:"on_published,omitempty"`
+	Cost            dbCost  `json:"database_cost"`
 }
 
-func (b *bench) relayDrain(ctx context.Context, i int) (drainRun, error) {
+func (b *bench) relayDrain(ctx context.Context, i int, mode string) (drainRun, error) {
 	o := b.opt
-	name := fmt.Sprintf("relay drain, run %d", i+1)
+	name := fmt.Sprintf("relay drain (%s), run %d", mode, i+1)
 	if err := b.stopRelay(); err != nil {
+		return drainRun{}, err
+	}
+	b.mode = mode
+	before, err := b.readCost(ctx)
+	if err != nil {
 		return drainRun{}, err
 	}
 	t := newTracker(name, o.N, 1)
 	phase := b.nextPhase(t)
 	logf("%s: inserting %d rows (%d per transaction) with the relay stopped", name, o.N, o.BacklogTxRows)
-	err := insertBacklog(ctx, b.dbURL, b.tag, phase, o.N, o.BacklogTxRows, o.PadBytes, func(done int) {
+	err = insertBacklog(ctx, b.dbURL, b.tag, phase, o.N, o.BacklogTxRows, o.PadBytes, func(done int) {
 		logf("%s: inserted %d/%d", name, done, o.N)
 	})
 	if err != nil {
@@ -348,6 +388,10 @@ func (b *bench) relayDrain(ctx context.Context, i int) (drainRun, error) {
 	}
 	if left, err := countUnpublished(ctx, b.pool); err != nil || left != int64(o.N) {
 		return drainRun{}, fmt.Errorf("%s: %d unpublished rows before the start, want %d (%v)", name, left, o.N, err)
+	}
+	inserted, err := b.readCost(ctx)
+	if err != nil {
+		return drainRun{}, err
 	}
 	start := nowNs()
 	if err := b.startRelay(); err != nil {
@@ -369,6 +413,14 @@ func (b *bench) relayDrain(ctx context.Context, i int) (drainRun, error) {
 		return drainRun{}, fmt.Errorf("%s: %w", name, err)
 	}
 	end := nowNs()
+	drained, err := b.readCost(ctx)
+	if err != nil {
+		return drainRun{}, err
+	}
+	cost, err := b.cost(ctx, o.N, before, inserted, drained)
+	if err != nil {
+		return drainRun{}, err
+	}
 	cpu, err := b.relay.cpu()
 	if err != nil {
 		return drainRun{}, fmt.Errorf("relay CPU: %w", err)
@@ -390,6 +442,8 @@ func (b *bench) relayDrain(ctx context.Context, i int) (drainRun, error) {
 		PeakRSSMiB:      float64(rss) / (1 << 20),
 		Duplicates:      t.dups.Load(),
 		Reorders:        t.reorders.Load(),
+		Mode:            mode,
+		Cost:            cost,
 	}
 	_ = received
 	d.Rate = float64(o.N) / d.Seconds
@@ -398,6 +452,7 @@ func (b *bench) relayDrain(ctx context.Context, i int) (drainRun, error) {
 	d.Cores = d.CPUSeconds / d.Seconds
 	logf("%s: %.0f events/s (%.2f s; first event after %.0f ms; relay CPU %.2f s = %.2f ms per 1,000 events; peak RSS %.1f MiB; dups %d, reorders %d)",
 		name, d.Rate, d.Seconds, d.StartupSeconds*1000, d.CPUSeconds, d.CPUPer1000ms, d.PeakRSSMiB, d.Duplicates, d.Reorders)
+	logCost(name, cost)
 	return d, nil
 }
 
@@ -534,7 +589,7 @@ func (b *bench) latency(ctx context.Context, design string, rate float64, k, rep
 	logf("%s: %s from %d connections", name, o.LatencyDuration, producers)
 	var cpu0 time.Duration
 	var delay0 []bucket
-	if design == "relay" {
+	if strings.HasPrefix(design, "relay") {
 		if err := b.relayAlive(); err != nil {
 			return err
 		}
@@ -560,7 +615,7 @@ func (b *bench) latency(ctx context.Context, design string, rate float64, k, rep
 		return b.lossReport(ctx, t, phase, len(t.recv), err)
 	}
 	run := latencyRun{loadResult: lr, Producers: producers, Events: int(lr.Committed)}
-	if design == "relay" {
+	if strings.HasPrefix(design, "relay") {
 		cpu1, err := b.relay.cpu()
 		if err != nil {
 			return err
@@ -594,7 +649,7 @@ func (b *bench) latency(ctx context.Context, design string, rate float64, k, rep
 	run.Reorders = t.reorders.Load()
 	logf("%s: achieved %.0f events/s; p50 %.2f ms, p95 %.2f ms, p99 %.2f ms, max %.2f ms; relay CPU %.3f cores; dups %d, reorders %d",
 		name, lr.Achieved, run.P50ms, run.P95ms, run.P99ms, run.Maxms, run.RelayCores, run.Duplicates, run.Reorders)
-	if design == "relay" {
+	if strings.HasPrefix(design, "relay") {
 		logf("%s: commit -> received by the relay (its histogram): p50 %.2f ms, p99 %.2f ms", name, run.StreamP50ms, run.StreamP99ms)
 	}
 	b.res.addLatency(design, rate, k, run)
@@ -629,12 +684,20 @@ func (b *bench) polling(ctx context.Context) error {
 		t := newTracker(name, o.PollN, 1)
 		phase := b.nextPhase(t)
 		logf("%s: inserting %d rows; at about 200 events/s this takes about %.0f s", name, o.PollN, float64(o.PollN)/200)
+		before, err := b.readCost(ctx)
+		if err != nil {
+			return err
+		}
 		if err := insertBacklog(ctx, b.dbURL, b.tag, phase, o.PollN, o.BacklogTxRows, o.PadBytes, nil); err != nil {
+			return err
+		}
+		inserted, err := b.readCost(ctx)
+		if err != nil {
 			return err
 		}
 		start := nowNs()
 		b.poller = spawnPollingProcessor(ctx, pool, pub)
-		err := b.cons.waitAll(ctx, t, int64(o.PollN), o.Stall, func(got int64) {
+		err = b.cons.waitAll(ctx, t, int64(o.PollN), o.Stall, func(got int64) {
 			el := time.Duration(nowNs() - start).Seconds()
 			logf("%s: received %d/%d (%.0f events/s)", name, got, o.PollN, float64(got)/el)
 		})
@@ -647,12 +710,23 @@ func (b *bench) polling(ctx context.Context) error {
 		end := nowNs()
 		b.poller.stop()
 		b.poller = nil
+		drained, err := b.readCost(ctx)
+		if err != nil {
+			return err
+		}
+		cost, err := b.cost(ctx, o.PollN, before, inserted, drained)
+		if err != nil {
+			return err
+		}
+		logCost(name, cost)
 		d := drainRun{
 			Events:         o.PollN,
 			Seconds:        time.Duration(end - start).Seconds(),
 			StartupSeconds: time.Duration(t.firstNs.Load() - start).Seconds(),
 			Duplicates:     t.dups.Load(),
 			Reorders:       t.reorders.Load(),
+			Mode:           "mark",
+			Cost:           cost,
 		}
 		last := int64(0)
 		for _, r := range t.recv {
@@ -720,7 +794,7 @@ func (b *bench) finalChecks(ctx context.Context) error {
 	if len(problems) > 0 {
 		return fmt.Errorf("LOSS: %s", strings.Join(problems, "; "))
 	}
-	logf("checks: %d rows written, all marked; %d events lost; %d duplicates; %d relay reorders; %d stray messages",
+	logf("checks: %d rows left in the table, none unpublished; %d events lost; %d duplicates; %d relay reorders; %d stray messages",
 		total, c.Lost, c.Duplicates, c.RelayReorders, c.Stray)
 	return nil
 }

@@ -23,6 +23,7 @@ type results struct {
 	Database        string    `json:"database"`
 
 	Drain            []drainRun         `json:"relay_drain"`
+	DrainDelete      []drainRun         `json:"relay_drain_delete"`
 	BrokerConfirms   []brokerResult     `json:"broker_confirms"`
 	BrokerNoConfirms []brokerResult     `json:"broker_no_confirms"`
 	Poll             []drainRun         `json:"polling_drain"`
@@ -263,6 +264,8 @@ func (r *results) markdown() string {
 	w("| relay ÷ broker without confirms | %s | %s | ≥ 0.9 | %s |\n", num(s.RatioNoConfirmsM, 2), runs(s.RatioNoConfirms, 2), met(s.RatioNoConfirmsM >= 0.9))
 	w("| relay ÷ polling design | %s | %s | ≥ 100 | %s |\n", num(s.RatioPollM, 0), runs(s.RatioPoll, 0), met(s.RatioPollM >= 100))
 
+	r.costTable(w)
+
 	w("\n| latency, COMMIT returned → consumer received (ms) | offered (events/s) | events/tx | conns | achieved (events/s) | p50 | p95 | p99 | max | relay CPU (cores) | of which commit → relay, p50 / p99 ¹ | target | met |\n")
 	w("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|---|\n")
 	short := []string{}
@@ -281,7 +284,7 @@ func (r *results) markdown() string {
 			}
 		}
 		cores, stream := "", ""
-		if sc.Design == "relay" {
+		if strings.HasPrefix(sc.Design, "relay") {
 			cores = num(m.RelayCores, 3)
 			stream = "n/a"
 			if m.StreamP50ms > 0 {
@@ -349,4 +352,52 @@ func (r *results) markdown() string {
 	w("- Relay CPU and RSS come from /proc/<pid>/stat (utime+stime) and /proc/<pid>/status (VmHWM) of the relay subprocess; PostgreSQL, RabbitMQ, the bench and its consumer share the same %d CPUs.\n", r.CPUs)
 	w("- Idle: %s.\n", r.Idle.Method)
 	return b.String()
+}
+
+// costTable prints the database's cost per event for the relay in both
+// RELAY_ON_PUBLISHED modes and for the polling design (issue 13), medians
+// over the drains, with the issue's targets as ratios within this run.
+func (r *results) costTable(w func(string, ...any)) {
+	type row struct {
+		name string
+		d    []drainRun
+	}
+	rows := []row{{"relay, `mark`", r.Drain}, {"relay, `delete`", r.DrainDelete}, {"polling design (marks)", r.Poll}}
+	med := func(d []drainRun, f func(dbCost) float64) float64 {
+		return median(collect(d, func(x drainRun) float64 { return f(x.Cost) }))
+	}
+	w("\n| database cost per event (drains) | drain (events/s) | WAL of the inserts (B) | WAL of its own writes (B) | own ÷ insert WAL | PostgreSQL CPU per 1,000 inserted (ms) | per 1,000 drained (ms) | dead tuples left per 1,000 |\n")
+	w("|---|--:|--:|--:|--:|--:|--:|--:|\n")
+	for _, x := range rows {
+		if len(x.d) == 0 {
+			continue
+		}
+		w("| %s | %s | %s | %s | %s | %s | %s | %s |\n", x.name,
+			num(median(collect(x.d, func(d drainRun) float64 { return d.Rate })), 0),
+			num(med(x.d, func(c dbCost) float64 { return c.WALInsertBytes }), 0),
+			num(med(x.d, func(c dbCost) float64 { return c.WALOwnBytes }), 0),
+			num(med(x.d, func(c dbCost) float64 { return c.OwnToInsert }), 2),
+			num(med(x.d, func(c dbCost) float64 { return c.CPUInsertMs }), 1),
+			num(med(x.d, func(c dbCost) float64 { return c.CPUOwnMs }), 1),
+			num(med(x.d, func(c dbCost) float64 { return c.DeadTuplesPer1k }), 0))
+	}
+	if len(r.Drain) == 0 || len(r.DrainDelete) == 0 {
+		return
+	}
+	markOwn := med(r.Drain, func(c dbCost) float64 { return c.OwnToInsert })
+	delOwn := med(r.DrainDelete, func(c dbCost) float64 { return c.OwnToInsert })
+	total := func(c dbCost) float64 { return c.CPUInsertMs + c.CPUOwnMs }
+	var cpuRatio []float64
+	for i := range min(len(r.Drain), len(r.DrainDelete)) {
+		if m := total(r.Drain[i].Cost); m > 0 {
+			cpuRatio = append(cpuRatio, total(r.DrainDelete[i].Cost)/m)
+		}
+	}
+	cr := median(cpuRatio)
+	w("\n| database cost target | median | runs | target | met |\n|---|--:|---|---|---|\n")
+	w("| `delete`: own WAL ÷ insert WAL | %s | %s | ≤ 0.20 | %s |\n", num(delOwn, 2),
+		runs(collect(r.DrainDelete, func(d drainRun) float64 { return d.Cost.OwnToInsert }), 2), met(delOwn <= 0.20))
+	w("| `mark`: own WAL ÷ insert WAL | %s | %s | ≤ 0.60 | %s |\n", num(markOwn, 2),
+		runs(collect(r.Drain, func(d drainRun) float64 { return d.Cost.OwnToInsert }), 2), met(markOwn <= 0.60))
+	w("| PostgreSQL CPU per event (insert + drain), `delete` ÷ `mark` | %s | %s | ≤ 0.75 | %s |\n", num(cr, 2), runs(cpuRatio, 2), met(cr <= 0.75))
 }
