@@ -16,7 +16,7 @@ import (
 )
 
 // writePNG draws the latency distributions (a CDF per load, log scale) next
-// to the throughput bars.
+// to the throughput bars and the database's WAL per event.
 func (r *results) writePNG(path string) error {
 	lat, err := r.latencyPlot()
 	if err != nil {
@@ -26,13 +26,18 @@ func (r *results) writePNG(path string) error {
 	if err != nil {
 		return err
 	}
-	img := vgimg.New(vg.Points(1200), vg.Points(480))
+	wal, err := r.walPlot()
+	if err != nil {
+		return err
+	}
+	img := vgimg.New(vg.Points(1600), vg.Points(480))
 	dc := draw.New(img)
-	tiles := draw.Tiles{Rows: 1, Cols: 2, PadX: vg.Points(24), PadTop: vg.Points(8), PadBottom: vg.Points(8), PadLeft: vg.Points(8), PadRight: vg.Points(8)}
-	plots := [][]*plot.Plot{{lat, thr}}
+	tiles := draw.Tiles{Rows: 1, Cols: 3, PadX: vg.Points(24), PadTop: vg.Points(8), PadBottom: vg.Points(8), PadLeft: vg.Points(8), PadRight: vg.Points(8)}
+	plots := [][]*plot.Plot{{lat, thr, wal}}
 	canvases := plot.Align(plots, tiles, dc)
 	lat.Draw(canvases[0][0])
 	thr.Draw(canvases[0][1])
+	wal.Draw(canvases[0][2])
 	if dir := filepath.Dir(path); dir != "" {
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			return err
@@ -138,4 +143,57 @@ func (r *results) throughputPlot() (*plot.Plot, error) {
 	p.Y.Min = 0
 	p.Y.Max = math.Max(vals[0], math.Max(vals[1], vals[2])) * 1.15
 	return p, nil
+}
+
+// walPlot: WAL bytes per event, the producer's inserts beside each
+// design's own writes (medians of the drains).
+func (r *results) walPlot() (*plot.Plot, error) {
+	p := plot.New()
+	p.Title.Text = "Database: WAL per event (medians of the drains)"
+	p.Y.Label.Text = "bytes of WAL per event"
+	designs := []struct {
+		name string
+		d    []drainRun
+	}{{"relay, mark", r.Drain}, {"relay, delete", r.DrainDelete}, {"polling design", r.Poll}}
+	var ins, own plotter.Values
+	var names []string
+	for _, x := range designs {
+		names = append(names, x.name)
+		ins = append(ins, zeroNaN(median(collect(x.d, func(d drainRun) float64 { return d.Cost.WALInsertBytes }))))
+		own = append(own, zeroNaN(median(collect(x.d, func(d drainRun) float64 { return d.Cost.WALOwnBytes }))))
+	}
+	w := vg.Points(40)
+	bi, err := plotter.NewBarChart(ins, w)
+	if err != nil {
+		return nil, err
+	}
+	bi.Color, bi.LineStyle.Width, bi.Offset = plotutil.Color(1), 0, -w/2
+	bo, err := plotter.NewBarChart(own, w)
+	if err != nil {
+		return nil, err
+	}
+	bo.Color, bo.LineStyle.Width, bo.Offset = plotutil.Color(0), 0, w/2
+	p.Add(plotter.NewGrid(), bi, bo)
+	p.Legend.Add("the producer's inserts", bi)
+	p.Legend.Add("the design's own writes (marks, deletes)", bo)
+	p.Legend.Top = true
+	p.NominalX(names...)
+	p.Y.Min = 0
+	p.Y.Max = 1.35 * math.Max(maxOf(ins), maxOf(own))
+	return p, nil
+}
+
+func zeroNaN(v float64) float64 {
+	if math.IsNaN(v) {
+		return 0
+	}
+	return v
+}
+
+func maxOf(v plotter.Values) float64 {
+	m := 0.0
+	for _, x := range v {
+		m = math.Max(m, x)
+	}
+	return m
 }

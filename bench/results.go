@@ -394,10 +394,18 @@ func (r *results) costTable(w func(string, ...any)) {
 		}
 	}
 	cr := median(cpuRatio)
+	var drainRatio []float64
+	for i := range min(len(r.Drain), len(r.DrainDelete)) {
+		if m := r.Drain[i].Cost.CPUOwnMs; m > 0 {
+			drainRatio = append(drainRatio, r.DrainDelete[i].Cost.CPUOwnMs/m)
+		}
+	}
+	dr := median(drainRatio)
 	w("\n| database cost target | median | runs | target | met |\n|---|--:|---|---|---|\n")
 	w("| `delete`: own WAL ÷ insert WAL | %s | %s | ≤ 0.20 | %s |\n", num(delOwn, 2),
 		runs(collect(r.DrainDelete, func(d drainRun) float64 { return d.Cost.OwnToInsert }), 2), met(delOwn <= 0.20))
 	w("| `mark`: own WAL ÷ insert WAL | %s | %s | ≤ 0.60 | %s |\n", num(markOwn, 2),
 		runs(collect(r.Drain, func(d drainRun) float64 { return d.Cost.OwnToInsert }), 2), met(markOwn <= 0.60))
 	w("| PostgreSQL CPU per event (insert + drain), `delete` ÷ `mark` | %s | %s | ≤ 0.75 | %s |\n", num(cr, 2), runs(cpuRatio, 2), met(cr <= 0.75))
+	w("| … the drain's share alone (walsender, the relay's statements), `delete` ÷ `mark` | %s | %s | | |\n", num(dr, 2), runs(drainRatio, 2))
 }
