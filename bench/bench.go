@@ -72,6 +72,14 @@ func (b *bench) run(ctx context.Context) error {
 		return err
 	}
 	b.root = root
+	// Relative output paths are the repository's (docs/bench.png is the
+	// README's picture), wherever the bench is run from.
+	for _, p := range []*string{&b.opt.JSONPath, &b.opt.PNGPath} {
+		if *p != "" && !filepath.IsAbs(*p) {
+			*p = filepath.Join(root, *p)
+		}
+	}
+	o = b.opt
 	b.res = results{
 		Started: time.Now().UTC(), Options: o, CPUs: runtime.NumCPU(), CPUModel: cpuModel(),
 		GoVersion: runtime.Version(), RelayVersion: gitDescribe(root), Database: b.name,

@@ -91,8 +91,8 @@ func parseFlags(args []string) (options, error) {
 	fs.IntVar(&o.BacklogTxRows, "backlog-tx-rows", 1, "rows per transaction in the backlog (1: one event per transaction, the common case)")
 	fs.IntVar(&o.Window, "window", 1000, "outstanding confirms for the broker limit with confirms")
 	fs.DurationVar(&o.Stall, "stall-timeout", 60*time.Second, "fail if no event arrives (or no row is marked) for this long")
-	fs.StringVar(&o.JSONPath, "json", "bench-results/results.json", "write the results as JSON here (empty: don't)")
-	fs.StringVar(&o.PNGPath, "png", "docs/bench.png", "write the picture here (empty: don't)")
+	fs.StringVar(&o.JSONPath, "json", "bench-results/results.json", "write the results as JSON here, relative to the repository root (empty: don't)")
+	fs.StringVar(&o.PNGPath, "png", "docs/bench.png", "write the picture here, relative to the repository root (empty: don't)")
 	fs.StringVar(&o.RelayBin, "relay-bin", "", "use this outbox-relay binary instead of building ./cmd/outbox-relay")
 	fs.BoolVar(&o.Keep, "keep", false, "keep the database, slot, exchanges and queues (debugging)")
 	if err := fs.Parse(args); err != nil {
