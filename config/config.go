@@ -65,7 +65,7 @@ type Config struct {
 	MaxInflightBytes int `env:"RELAY_MAX_INFLIGHT_BYTES" envDefault:"67108864"`
 	// OnPublished is what the marker does to a row once the broker has
 	// confirmed its event: mark (set published_at, the seed's behaviour)
-	// or delete (remove the row: about a tenth of the mark's WAL).
+	// or delete (remove the row: about a seventh of the mark's WAL).
 	OnPublished string `env:"RELAY_ON_PUBLISHED" envDefault:"mark"`
 	// MarkBatchSize caps the ids one UPDATE marks published.
 	MarkBatchSize int `env:"RELAY_MARK_BATCH_SIZE" envDefault:"500"`

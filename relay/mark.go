@@ -446,17 +446,17 @@ func remove(ids, done []string) []string {
 }
 
 // markSQL is the statement that records the rows of the uuid[] parameter
-// param as published, returning the ids it reached: an UPDATE of
+// param as published, returning the ids it reached (as text): an UPDATE of
 // published_at, or with RELAY_ON_PUBLISHED=delete a DELETE. Either reaches
 // only visible rows not marked yet, so the marker's retries and the
 // replay's checks are the same in both modes.
 func (r *Relay) markSQL(param string) string {
 	if r.deleting() {
 		return `DELETE FROM ` + r.tableIdent + `
-		WHERE id = ANY(` + param + `::uuid[]) AND published_at IS NULL RETURNING id`
+		WHERE id = ANY(` + param + `::uuid[]) AND published_at IS NULL RETURNING id::text`
 	}
 	return `UPDATE ` + r.tableIdent + ` SET published_at = now()
-		WHERE id = ANY(` + param + `::uuid[]) AND published_at IS NULL RETURNING id`
+		WHERE id = ANY(` + param + `::uuid[]) AND published_at IS NULL RETURNING id::text`
 }
 
 // markRows marks (or deletes) the rows published and returns the ids it
@@ -466,7 +466,7 @@ func (r *Relay) markRows(ctx context.Context, ids []string) ([]string, error) {
 	if r.deleting() {
 		what = "delete published rows"
 	}
-	return r.ids(ctx, what, `WITH m AS (`+r.markSQL("$1")+`) SELECT id::text FROM m`, ids)
+	return r.ids(ctx, what, r.markSQL("$1"), ids)
 }
 
 // publishedRows returns the ids among ids whose rows are already marked,
@@ -501,25 +501,19 @@ func (r *Relay) ids(ctx context.Context, what, q string, args ...any) ([]string,
 // not visible yet (a commit waiting for a synchronous standby) is neither,
 // so it is published.
 func (r *Relay) replayRows(ctx context.Context, ids []string, xids []int64) (done, gone []string, err error) {
-	q := `SELECT u.id::text, s.done, o.id IS NULL AND NOT s.done
-		FROM unnest($1::uuid[]) AS u(id)
-		LEFT JOIN ` + r.tableIdent + ` o ON o.id = u.id
-		CROSS JOIN LATERAL (SELECT COALESCE(o.published_at IS NOT NULL, false) OR EXISTS (
-			SELECT 1 FROM ` + r.stateTable(confirmedTable) + ` c WHERE c.slot_name = $2 AND c.id = u.id)) AS s(done)`
-	args := []any{ids, r.cfg.Slot}
-	if r.deleting() {
-		q = `WITH cur AS (SELECT pg_current_snapshot() AS snap,
-				pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax)
-		SELECT u.id::text,
-			s.done OR (o.id IS NULL AND u.xid <> 0 AND pg_visible_in_snapshot(` + widenXid("u.xid") + `, cur.snap)),
-			o.id IS NULL AND NOT s.done AND u.xid = 0
+	// $4: delete mode, where a missing row of a visible transaction is done
+	// and one of an invisible transaction is neither done nor gone.
+	q := `WITH cur AS (SELECT pg_current_snapshot() AS snap,
+			pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax)
+		SELECT u.id::text, d.done, o.id IS NULL AND NOT d.done AND NOT ($4 AND u.xid <> 0)
 		FROM unnest($1::uuid[], $3::bigint[]) AS u(id, xid)
 		CROSS JOIN cur
 		LEFT JOIN ` + r.tableIdent + ` o ON o.id = u.id
 		CROSS JOIN LATERAL (SELECT COALESCE(o.published_at IS NOT NULL, false) OR EXISTS (
-			SELECT 1 FROM ` + r.stateTable(confirmedTable) + ` c WHERE c.slot_name = $2 AND c.id = u.id)) AS s(done)`
-		args = append(args, xids)
-	}
+			SELECT 1 FROM ` + r.stateTable(confirmedTable) + ` c WHERE c.slot_name = $2 AND c.id = u.id)) AS s(done)
+		CROSS JOIN LATERAL (SELECT s.done OR ($4 AND o.id IS NULL AND u.xid <> 0
+			AND pg_visible_in_snapshot(` + widenXid("u.xid") + `, cur.snap))) AS d(done)`
+	args := []any{ids, r.cfg.Slot, xids, r.deleting()}
 	qctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
 	defer cancel()
 	rows, err := r.opt.Pool.Query(qctx, q, args...)

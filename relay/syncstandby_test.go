@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/outbox-relay/outbox-relay/config"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 	"github.com/outbox-relay/outbox-relay/outbox"
 	"github.com/outbox-relay/outbox-relay/sink"
@@ -396,9 +397,17 @@ func value(c prometheus.Metric) float64 {
 // acknowledgement (the transaction is replayed) or after it (the stream
 // never delivers the row again). The next session publishes none of the
 // recorded events again, publishes the rest of the transaction, marks
-// everything and deletes the records.
+// everything and deletes the records. In both RELAY_ON_PUBLISHED modes:
+// with delete, completing a record deletes its row.
 func TestReplaySkipsRecordedRows(t *testing.T) {
+	for _, mode := range []string{config.OnPublishedMark, config.OnPublishedDelete} {
+		t.Run(mode, func(t *testing.T) { replaySkipsRecordedRows(t, mode) })
+	}
+}
+
+func replaySkipsRecordedRows(t *testing.T, mode string) {
 	e := newEnv(t)
+	e.cfg.OnPublished = mode
 	ctx := context.Background()
 	// The slot exists, as the previous relay left it.
 	_, err := e.pool.Exec(ctx, `SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, e.cfg.Slot)
@@ -445,11 +454,14 @@ func TestReplaySkipsRecordedRows(t *testing.T) {
 			t.Fatalf("message %d is %s, want %s", i, got[i], w.ID)
 		}
 	}
-	waitFor(t, 20*time.Second, "every row marked and no record left", func() bool {
+	waitFor(t, 20*time.Second, "every row marked (or deleted) and no record left", func() bool {
 		var n int
 		must(t, e.pool.QueryRow(ctx, `SELECT count(*) FROM outbox_relay_confirmed`).Scan(&n))
 		return e.unpublished() == 0 && n == 0
 	})
+	if left := e.rows(); mode == config.OnPublishedDelete && left != 0 {
+		t.Fatalf("%d rows left after every event was confirmed, in delete mode", left)
+	}
 	r.stop(t)
 }
 
