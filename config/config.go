@@ -16,6 +16,10 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
+// CloudEventsBinary is RELAY_CLOUDEVENTS's one mode: attributes as headers,
+// the payload as the body.
+const CloudEventsBinary = "binary"
+
 // RELAY_ON_PUBLISHED values.
 const (
 	OnPublishedMark   = "mark"
@@ -40,6 +44,18 @@ type Config struct {
 	Publication string `env:"RELAY_PUBLICATION" envDefault:"outbox_relay_pub"`
 	// Table is the outbox table, schema-qualified or not.
 	Table string `env:"RELAY_TABLE" envDefault:"public.outbox_events"`
+	// ColumnsSpec maps the relay's fields to the table's columns: a preset
+	// (default, debezium) and/or field=column pairs (decoder.ParseColumns).
+	ColumnsSpec string `env:"RELAY_COLUMNS" envDefault:"default"`
+	// HeaderColumns are extra columns sent as message headers of the same
+	// names, comma-separated; NULL leaves the header out.
+	HeaderColumns string `env:"RELAY_HEADER_COLUMNS"`
+	// CloudEvents "binary" adds the CloudEvents attributes as headers
+	// (binary content mode); empty sends none.
+	CloudEvents string `env:"RELAY_CLOUDEVENTS"`
+	// CloudEventsSource is the CloudEvents source attribute; empty derives
+	// it from the database and the table (CloudEventsSourceFor).
+	CloudEventsSource string `env:"RELAY_CLOUDEVENTS_SOURCE"`
 	// Exchange is the durable topic exchange events are published to.
 	Exchange string `env:"RELAY_EXCHANGE" envDefault:"outbox.events"`
 	// RoutingKey is a template over {aggregate_type}, {event_type} and {aggregate_id}.
@@ -202,6 +218,9 @@ func (c *Config) validateDatabase() error {
 	if _, _, err := SplitTable(c.Table); err != nil {
 		errs = append(errs, fmt.Errorf("RELAY_TABLE: %w", err))
 	}
+	if _, err := c.Columns(); err != nil {
+		errs = append(errs, err)
+	}
 	if _, err := ParseLevel(c.LogLevel); err != nil {
 		errs = append(errs, err)
 	}
@@ -240,6 +259,11 @@ func (c *Config) Validate() error {
 	case "dead-letter", "retry", "drop":
 	default:
 		errs = append(errs, fmt.Errorf("RELAY_UNROUTABLE %q is not one of dead-letter, retry, drop", c.Unroutable))
+	}
+	switch c.CloudEvents {
+	case "", CloudEventsBinary:
+	default:
+		errs = append(errs, fmt.Errorf("RELAY_CLOUDEVENTS %q is not one of %s (or empty for none)", c.CloudEvents, CloudEventsBinary))
 	}
 	switch c.OnPublished {
 	case OnPublishedMark, OnPublishedDelete:

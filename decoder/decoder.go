@@ -65,13 +65,27 @@ type Event struct {
 	AggregateType string
 	AggregateID   string
 	EventType     string
-	Payload       []byte    // the payload column's text bytes exactly, a private copy
-	OccurredAt    time.Time // in UTC; zero if Invalid
+	Payload       []byte    // the payload column's text bytes exactly, a private copy; empty for a tombstone
+	OccurredAt    time.Time // in UTC (the commit time when the table has no occurred_at); zero if Invalid
 	Published     bool      // the row already had published_at set: the relay must skip it
+	// Tombstone: the payload was NULL (Debezium's tombstone). Payload is
+	// empty and the message says so in a header.
+	Tombstone bool
+	// Traceparent and Tracestate are the producer's W3C trace context, from
+	// the trace columns or Debezium's tracingspancontext; empty when the
+	// row has none or it is malformed (a trace context is never a reason to
+	// refuse an event).
+	Traceparent, Tracestate string
+	// Headers are the non-NULL RELAY_HEADER_COLUMNS, in their order.
+	Headers []Header
 	// Invalid is non-empty when the row cannot become a message; it is the
 	// reason. The fields that could be read (ID in particular) are still set.
 	Invalid string
 }
+
+// Header is one extra column sent as a message header: the column's name
+// and its value as text.
+type Header struct{ Name, Value string }
 
 // Message is one decoded pgoutput message.
 type Message struct {
@@ -81,7 +95,9 @@ type Message struct {
 	Commit Commit // Kind == KindCommit
 }
 
-// Column roles in the outbox table. The first six are required.
+// Column roles in the outbox table. The first five are required, and
+// occurred_at too when the layout names it; RELAY_HEADER_COLUMNS follow as
+// roles numRoles, numRoles+1, ...
 const (
 	colID = iota
 	colAggregateType
@@ -90,12 +106,58 @@ const (
 	colPayload
 	colOccurredAt
 	colPublishedAt
+	colTraceparent
+	colTracestate
+	colSpanContext
 	numRoles
-	numRequired = colPublishedAt
+	numRequired = colOccurredAt + 1
 )
 
-var roleNames = [numRoles]string{
-	"id", "aggregate_type", "aggregate_id", "event_type", "payload", "occurred_at", "published_at",
+// Layout is a table's columns as the decoder finds them: the column name
+// of each role ("" when the table has none) and the header columns.
+type Layout struct {
+	names   [numRoles]string
+	headers []string
+}
+
+// NewLayout returns the layout of cols. published_at is the relay's own
+// column and is not mapped.
+func NewLayout(cols Columns) *Layout {
+	l := &Layout{headers: cols.Headers}
+	l.names = [numRoles]string{cols.ID, cols.AggregateType, cols.AggregateID, cols.EventType, cols.Payload,
+		cols.OccurredAt, "published_at", cols.Traceparent, cols.Tracestate, cols.TracingSpanContext}
+	return l
+}
+
+var defaultLayout = NewLayout(DefaultColumns)
+
+var timeZero time.Time
+
+// role returns the role of a column name, or -1.
+func (l *Layout) role(col string) int {
+	for role, n := range l.names {
+		if n != "" && n == col {
+			return role
+		}
+	}
+	for i, n := range l.headers {
+		if n == col {
+			return numRoles + i
+		}
+	}
+	return -1
+}
+
+// required reports whether the table must have role's column.
+func (l *Layout) required(role int) bool {
+	return role < colOccurredAt || (role == colOccurredAt && l.names[colOccurredAt] != "") || role >= numRoles
+}
+
+func (l *Layout) name(role int) string {
+	if role >= numRoles {
+		return l.headers[role-numRoles]
+	}
+	return l.names[role]
 }
 
 // relation is a cached Relation message. Only the outbox table keeps its
@@ -104,22 +166,27 @@ var roleNames = [numRoles]string{
 type relation struct {
 	outbox    bool
 	ncols     int
-	roles     []int8 // column position -> role, or -1; outbox only
-	schemaErr error  // outbox table without a required column
+	roles     []int16 // column position -> role, or -1; outbox only
+	schemaErr error   // outbox table without a required column
 }
 
 // Decoder decodes one replication session's pgoutput messages. It is not
 // safe for concurrent use.
 type Decoder struct {
 	schema, table string
+	layout        *Layout
 	relations     map[uint32]*relation
 	inTx          bool
+	commitTime    time.Time // of the open transaction, from its Begin
 }
 
 // New returns a decoder for inserts on schema.table (e.g. "public",
-// "outbox_events").
-func New(schema, table string) *Decoder {
-	return &Decoder{schema: schema, table: table, relations: make(map[uint32]*relation)}
+// "outbox_events") with the layout l (nil: DefaultColumns).
+func New(schema, table string, l *Layout) *Decoder {
+	if l == nil {
+		l = defaultLayout
+	}
+	return &Decoder{schema: schema, table: table, layout: l, relations: make(map[uint32]*relation)}
 }
 
 // InTransaction reports whether a Begin was seen without its Commit.
@@ -182,10 +249,11 @@ func (d *Decoder) begin(r *reader) (Message, error) {
 		return Message{}, protoErr("begin inside a transaction")
 	}
 	d.inTx = true
+	d.commitTime = pgTime(int64(ts))
 	return Message{Kind: KindBegin, Begin: Begin{
 		Xid:        xid,
 		FinalLSN:   pglogrepl.LSN(lsn),
-		CommitTime: pgTime(int64(ts)),
+		CommitTime: d.commitTime,
 	}}, nil
 }
 
@@ -220,9 +288,10 @@ func (d *Decoder) relation(r *reader) error {
 	rel := &relation{ncols: n}
 	rel.outbox = string(ns) == d.schema && string(name) == d.table
 	if rel.outbox {
-		rel.roles = make([]int8, n)
+		rel.roles = make([]int16, n)
 	}
-	var found [numRoles]bool
+	l := d.layout
+	found := make([]bool, numRoles+len(l.headers))
 	for i := 0; i < n; i++ {
 		r.u8() // flags
 		col := r.cstring()
@@ -234,13 +303,10 @@ func (d *Decoder) relation(r *reader) error {
 		if !rel.outbox {
 			continue
 		}
-		rel.roles[i] = -1
-		for role, rn := range roleNames {
-			if string(col) == rn {
-				rel.roles[i] = int8(role)
-				found[role] = true
-				break
-			}
+		role := l.role(string(col))
+		rel.roles[i] = int16(role)
+		if role >= 0 {
+			found[role] = true
 		}
 	}
 	if err := r.finish("relation"); err != nil {
@@ -248,9 +314,9 @@ func (d *Decoder) relation(r *reader) error {
 	}
 	if rel.outbox {
 		var missing []string
-		for role := 0; role < numRequired; role++ {
-			if !found[role] {
-				missing = append(missing, roleNames[role])
+		for role := range found {
+			if l.required(role) && !found[role] {
+				missing = append(missing, l.name(role))
 			}
 		}
 		if len(missing) > 0 {
@@ -301,44 +367,62 @@ func (d *Decoder) insert(r *reader) (Message, error) {
 		return Message{}, protoErr(fmt.Sprintf("insert: tuple has %d columns, relation %d has %d", n, id, rel.ncols))
 	}
 	var vals [numRoles]span
+	var hdrs []span
+	if len(d.layout.headers) > 0 {
+		hdrs = make([]span, len(d.layout.headers))
+	}
 	for i := 0; i < n; i++ {
 		s, err := r.value()
 		if err != nil {
 			return Message{}, err
 		}
-		if role := rel.roles[i]; role >= 0 {
+		switch role := int(rel.roles[i]); {
+		case role >= numRoles:
+			hdrs[role-numRoles] = s
+		case role >= 0:
 			vals[role] = s
 		}
 	}
 	if err := r.finish("insert"); err != nil {
 		return Message{}, err
 	}
-	return Message{Kind: KindEvent, Event: buildEvent(r.buf, &vals)}, nil
+	return Message{Kind: KindEvent, Event: d.layout.buildEvent(r.buf, &vals, hdrs, d.commitTime)}, nil
 }
 
-// buildEvent copies the event out of buf. The four text fields share one
-// allocation; the payload gets its own so the caller may keep or modify it.
-func buildEvent(buf []byte, vals *[numRoles]span) Event {
+// buildEvent copies the event out of buf. The text fields and headers
+// share one allocation; the payload gets its own so the caller may keep or
+// modify it. commitTime is the event's time when the layout has no
+// occurred_at.
+func (l *Layout) buildEvent(buf []byte, vals *[numRoles]span, hdrs []span, commitTime time.Time) Event {
 	var ev Event
+	if l.names[colOccurredAt] == "" && vals[colOccurredAt].kind == 0 {
+		ev.OccurredAt = commitTime
+	}
 	for role := 0; role < numRequired; role++ {
-		if ev.Invalid == "" {
-			ev.Invalid = valueProblem(role, vals[role].kind)
+		if ev.Invalid == "" && (role != colOccurredAt || ev.OccurredAt.IsZero()) &&
+			!(role == colPayload && vals[role].kind == 'n') {
+			ev.Invalid = l.valueProblem(role, vals[role].kind)
 		}
 	}
 	if k := vals[colPublishedAt].kind; k != 0 && k != 'n' {
 		ev.Published = true
 	}
 
-	textRoles := [4]int{colID, colAggregateType, colAggregateID, colEventType}
+	textRoles := [...]int{colID, colAggregateType, colAggregateID, colEventType, colTraceparent, colTracestate}
 	total := 0
 	for _, role := range textRoles {
 		if v := vals[role]; v.kind == 't' {
 			total += v.end - v.start
 		}
 	}
+	for _, v := range hdrs {
+		if v.kind == 't' {
+			total += v.end - v.start
+		}
+	}
 	var sb strings.Builder
 	sb.Grow(total)
-	var bounds [4][2]int
+	var bounds [len(textRoles)][2]int
 	for i, role := range textRoles {
 		if v := vals[role]; v.kind == 't' {
 			bounds[i][0] = sb.Len()
@@ -346,17 +430,41 @@ func buildEvent(buf []byte, vals *[numRoles]span) Event {
 			bounds[i][1] = sb.Len()
 		}
 	}
+	hdrBounds := make([][2]int, len(hdrs))
+	for i, v := range hdrs {
+		if v.kind == 't' {
+			hdrBounds[i][0] = sb.Len()
+			sb.Write(buf[v.start:v.end])
+			hdrBounds[i][1] = sb.Len()
+		}
+	}
 	all := sb.String()
 	ev.ID = all[bounds[0][0]:bounds[0][1]]
 	ev.AggregateType = all[bounds[1][0]:bounds[1][1]]
 	ev.AggregateID = all[bounds[2][0]:bounds[2][1]]
 	ev.EventType = all[bounds[3][0]:bounds[3][1]]
+	for i, v := range hdrs {
+		if v.kind == 't' {
+			ev.Headers = append(ev.Headers, Header{Name: l.headers[i], Value: all[hdrBounds[i][0]:hdrBounds[i][1]]})
+		}
+	}
+	if tp := all[bounds[4][0]:bounds[4][1]]; validTraceparent(tp) {
+		ev.Traceparent = tp
+		if ts := all[bounds[5][0]:bounds[5][1]]; validTracestate(ts) {
+			ev.Tracestate = ts
+		}
+	} else if v := vals[colSpanContext]; v.kind == 't' {
+		ev.Traceparent, ev.Tracestate = parseSpanContext(buf[v.start:v.end])
+	}
 
-	if v := vals[colPayload]; v.kind == 't' {
+	switch v := vals[colPayload]; v.kind {
+	case 't':
 		ev.Payload = bytes.Clone(buf[v.start:v.end])
 		if ev.Payload == nil {
 			ev.Payload = []byte{}
 		}
+	case 'n':
+		ev.Payload, ev.Tombstone = []byte{}, true
 	}
 
 	if v := vals[colOccurredAt]; v.kind == 't' {
@@ -368,7 +476,7 @@ func buildEvent(buf []byte, vals *[numRoles]span) Event {
 			if len(text) > 64 {
 				text = text[:64]
 			}
-			ev.Invalid = fmt.Sprintf("column %q: cannot parse %q", "occurred_at", text)
+			ev.Invalid = fmt.Sprintf("column %q: cannot parse %q", l.orName(colOccurredAt), text)
 		}
 	}
 	if ev.Invalid != "" {
@@ -377,18 +485,27 @@ func buildEvent(buf []byte, vals *[numRoles]span) Event {
 	return ev
 }
 
-func valueProblem(role int, kind byte) string {
+// orName is the column of role, or the role's own name when unmapped.
+func (l *Layout) orName(role int) string {
+	if n := l.names[role]; n != "" {
+		return n
+	}
+	return ColumnFields[role] // roles before colPublishedAt are in ColumnFields's order
+}
+
+func (l *Layout) valueProblem(role int, kind byte) string {
+	name := l.orName(role)
 	switch kind {
 	case 't':
 		return ""
 	case 'n':
-		return fmt.Sprintf("column %q is null", roleNames[role])
+		return fmt.Sprintf("column %q is null", name)
 	case 'u':
-		return fmt.Sprintf("column %q is an unchanged TOAST value, not sent", roleNames[role])
+		return fmt.Sprintf("column %q is an unchanged TOAST value, not sent", name)
 	case 'b':
-		return fmt.Sprintf("column %q is in binary format, want text", roleNames[role])
+		return fmt.Sprintf("column %q is in binary format, want text", name)
 	}
-	return fmt.Sprintf("column %q is missing", roleNames[role])
+	return fmt.Sprintf("column %q is missing", name)
 }
 
 func (d *Decoder) update(r *reader) error {

@@ -18,7 +18,7 @@ func newInTx(t testing.TB, cols ...string) *Decoder {
 	if cols == nil {
 		cols = outboxCols
 	}
-	d := New("public", "outbox_events")
+	d := New("public", "outbox_events", nil)
 	mustNone(t, d, relationFrame(outboxRel, "public", "outbox_events", cols...))
 	mustNone(t, d, relationFrame(otherRel, "public", "orders", "id", "total"))
 	m := mustDecode(t, d, beginFrame(0x100, time.Now(), 7))
@@ -56,7 +56,7 @@ func mustEvent(t testing.TB, d *Decoder, data []byte) Event {
 var wantTS = time.Date(2026, 11, 27, 4, 5, 4, 123456000, time.UTC)
 
 func TestBeginCommit(t *testing.T) {
-	d := New("public", "outbox_events")
+	d := New("public", "outbox_events", nil)
 	if d.InTransaction() {
 		t.Fatal("new decoder in transaction")
 	}
@@ -97,7 +97,7 @@ func TestStandardRow(t *testing.T) {
 }
 
 func TestColumnsOddOrderAndExtraColumns(t *testing.T) {
-	d := New("public", "outbox_events")
+	d := New("public", "outbox_events", nil)
 	mustNone(t, d, relationFrame(outboxRel, "public", "outbox_events",
 		"tenant", "payload", "occurred_at", "event_type", "trace_id", "aggregate_id", "id", "aggregate_type"))
 	mustDecode(t, d, beginFrame(1, time.Now(), 1))
@@ -177,6 +177,9 @@ func TestOtherMessagesAreNone(t *testing.T) {
 func TestNullsAndUnchangedAreInvalid(t *testing.T) {
 	for i, col := range outboxCols[:6] {
 		for _, bad := range []val{null, unchanged} {
+			if col == "payload" && bad == null {
+				continue // a tombstone, below
+			}
 			d := newInTx(t)
 			vals := row(`{"a":1}`)
 			vals[i] = bad
@@ -208,9 +211,15 @@ func TestNullsAndUnchangedAreInvalid(t *testing.T) {
 	// The example reason from the contract.
 	d = newInTx(t)
 	vals := row(`{}`)
-	vals[4] = null
-	if ev := mustEvent(t, d, insertFrame(outboxRel, vals...)); ev.Invalid != `column "payload" is null` {
+	vals[1] = null
+	if ev := mustEvent(t, d, insertFrame(outboxRel, vals...)); ev.Invalid != `column "aggregate_type" is null` {
 		t.Fatalf("Invalid = %q", ev.Invalid)
+	}
+	// A NULL payload is Debezium's tombstone: an event with an empty body.
+	vals = row(`{}`)
+	vals[4] = null
+	if ev := mustEvent(t, d, insertFrame(outboxRel, vals...)); ev.Invalid != "" || !ev.Tombstone || ev.Payload == nil || len(ev.Payload) != 0 {
+		t.Fatalf("null payload: %+v", ev)
 	}
 }
 
@@ -344,7 +353,7 @@ func TestBufferReuse(t *testing.T) {
 	}
 
 	// Relation names must be copied too: reuse the Relation buffer, then insert.
-	d = New("public", "outbox_events")
+	d = New("public", "outbox_events", nil)
 	rb := relationFrame(outboxRel, "public", "outbox_events", outboxCols...)
 	mustNone(t, d, rb)
 	for i := range rb {
@@ -439,7 +448,7 @@ func TestProtocolState(t *testing.T) {
 			return err
 		},
 	} {
-		d := New("public", "outbox_events")
+		d := New("public", "outbox_events", nil)
 		mustNone(t, d, relationFrame(outboxRel, "public", "outbox_events", outboxCols...))
 		mustNone(t, d, relationFrame(otherRel, "public", "orders", "id", "total"))
 		if err := run(d); !errors.Is(err, ErrProtocol) {
@@ -449,7 +458,7 @@ func TestProtocolState(t *testing.T) {
 }
 
 func TestUnknownRelation(t *testing.T) {
-	d := New("public", "outbox_events")
+	d := New("public", "outbox_events", nil)
 	mustDecode(t, d, beginFrame(1, time.Now(), 1))
 	for _, f := range [][]byte{
 		insertFrame(outboxRel, row(`{}`)...),
@@ -463,7 +472,7 @@ func TestUnknownRelation(t *testing.T) {
 }
 
 func TestMissingRequiredColumn(t *testing.T) {
-	d := New("public", "outbox_events")
+	d := New("public", "outbox_events", nil)
 	_, err := d.Decode(relationFrame(outboxRel, "public", "outbox_events",
 		"id", "aggregate_type", "event_type", "occurred_at", "published_at", "extra"))
 	if !errors.Is(err, ErrSchema) || errors.Is(err, ErrProtocol) {
@@ -490,7 +499,7 @@ func TestMissingRequiredColumn(t *testing.T) {
 }
 
 func TestWholeTransaction(t *testing.T) {
-	d := New("public", "outbox_events")
+	d := New("public", "outbox_events", nil)
 	ct := time.Date(2026, 11, 27, 4, 5, 4, 0, time.UTC)
 	stream := [][]byte{
 		beginFrame(0x300, ct, 9),

@@ -26,7 +26,7 @@ func FuzzDecode(f *testing.F) {
 		d := newInTx(t)
 		checkDecode(t, d, data)
 
-		d = New("public", "outbox_events")
+		d = New("public", "outbox_events", nil)
 		for rest := data; len(rest) >= 2; {
 			n := int(binary.BigEndian.Uint16(rest))
 			rest = rest[2:]

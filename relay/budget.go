@@ -66,6 +66,10 @@ func (b *budget) inUse() int64 {
 // (a header under frame_max) when the routing key leaves it out, and 1,000
 // of them held 100 MiB against a bound of 8 MiB.
 func eventBytes(ev *decoder.Event) int64 {
-	return int64(len(ev.Payload) + len(ev.ID) + len(ev.AggregateType) + len(ev.AggregateID) +
-		len(ev.EventType) + len(ev.Invalid))
+	n := len(ev.Payload) + len(ev.ID) + len(ev.AggregateType) + len(ev.AggregateID) +
+		len(ev.EventType) + len(ev.Invalid) + len(ev.Traceparent) + len(ev.Tracestate)
+	for _, h := range ev.Headers {
+		n += len(h.Value)
+	}
+	return int64(n)
 }

@@ -168,6 +168,10 @@ func (s *session) publishOne(ctx context.Context, it *item) error {
 		AggregateID:   ev.AggregateID,
 		OccurredAt:    ev.OccurredAt,
 		Body:          ev.Payload,
+		Tombstone:     ev.Tombstone,
+		Traceparent:   ev.Traceparent,
+		Tracestate:    ev.Tracestate,
+		Headers:       ev.Headers,
 	}
 	if ev.Invalid != "" {
 		it.fate, it.dead = fateDeadLetter, newDeadReason(deadInvalidRow, ev.Invalid)

@@ -13,6 +13,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/outbox-relay/outbox-relay/config"
+	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
@@ -47,7 +48,11 @@ type Relay struct {
 	schema     string
 	table      string
 	tableIdent string
-	streamed   bool // a session has reached streaming at least once
+	// cols is the table's layout (RELAY_COLUMNS, RELAY_HEADER_COLUMNS),
+	// layout the decoder's view of it.
+	cols     decoder.Columns
+	layout   *decoder.Layout
+	streamed bool // a session has reached streaming at least once
 	// carried holds ids the broker confirmed in a session that failed
 	// before it could mark them. The next session marks them without
 	// publishing them again: a broker or database hiccup causes no
@@ -105,9 +110,14 @@ func build(opt Options) (*Relay, error) {
 	if err != nil {
 		return nil, fmt.Errorf("RELAY_TABLE: %w", err)
 	}
+	cols, err := opt.Config.Columns()
+	if err != nil {
+		return nil, err
+	}
 	r := &Relay{
 		opt: opt, cfg: opt.Config, log: opt.Log, m: opt.Metrics, key: key,
 		schema: schema, table: table, tableIdent: pgx.Identifier{schema, table}.Sanitize(),
+		cols: cols, layout: decoder.NewLayout(cols),
 	}
 	r.db, r.connect = r, r.connectStream
 	return r, nil

@@ -445,7 +445,7 @@ func (s *session) stream(st stops, sweep sweepCursor) error {
 	s.r.m.SetReady(true, "")
 	s.log.Info().Str("slot", s.r.cfg.Slot).Str("from", s.tracker.Done().String()).Msg("streaming")
 
-	dec := decoder.New(s.r.schema, s.r.table)
+	dec := decoder.New(s.r.schema, s.r.table, s.r.layout)
 	interval := s.r.cfg.StatusInterval
 	var tx *checkpoint.Tx
 	var xid uint32

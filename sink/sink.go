@@ -3,6 +3,8 @@ package sink
 import (
 	"context"
 	"time"
+
+	"github.com/outbox-relay/outbox-relay/decoder"
 )
 
 // Message is one outbox event as a broker sees it.
@@ -13,7 +15,15 @@ type Message struct {
 	AggregateType string
 	AggregateID   string
 	OccurredAt    time.Time
-	Body          []byte // the payload JSON exactly as stored
+	Body          []byte // the payload JSON exactly as stored; empty for a tombstone
+	// Tombstone: the row's payload was NULL; Body is empty and a header
+	// says so.
+	Tombstone bool
+	// Traceparent and Tracestate are the producer's W3C trace context,
+	// sent as headers of those names when not empty.
+	Traceparent, Tracestate string
+	// Headers are the row's RELAY_HEADER_COLUMNS, sent under their own names.
+	Headers []decoder.Header
 }
 
 // Outcome is the broker's verdict on one message.
