@@ -79,3 +79,10 @@ func (c *Config) CloudEventsSourceAttr() string {
 	}
 	return "outbox-relay:" + url.PathEscape(db) + "/" + url.PathEscape(schema+"."+table)
 }
+
+// TimeColumn is the table's event-time column, "" when RELAY_COLUMNS has
+// none (the configuration is validated: the error cannot happen then).
+func (c *Config) TimeColumn() string {
+	cols, _ := c.Columns()
+	return cols.OccurredAt
+}

@@ -4,9 +4,13 @@
 // once do not race. The applied versions are recorded per outbox table in
 // outbox_relay_migrations, so running migrate again changes nothing.
 //
+// A file NNN_name.<layout>.sql replaces NNN_name.sql for that table layout
+// (`migrate --layout debezium`): the same version, another way to reach it.
+//
 // The SQL is a template: {{table}}, {{unpublished_index}}, {{publication}},
 // {{relay_seq_index}}, {{relay_seq_sequence}} and {{relay_seq_function}} are quoted identifiers and
-// {{publication_literal}} and {{relay_seq_sequence_literal}} quoted literals, so
+// {{publication_literal}}, {{table_literal}} and {{relay_seq_sequence_literal}} quoted literals
+// ({{existing_published_at}} is now() or NULL, Target.PublishExisting), so
 // RELAY_TABLE and RELAY_PUBLICATION never reach SQL unquoted.
 package migrations
 
@@ -35,30 +39,67 @@ type Migration struct {
 	SQL     string
 }
 
+// Table layouts migrate can create (Target.Layout).
+const (
+	LayoutDefault  = "default"
+	LayoutDebezium = "debezium"
+)
+
 // Target names the objects the migrations create.
 type Target struct {
 	Schema, Table string
 	Publication   string
+	// Layout is LayoutDefault ("" too) or LayoutDebezium.
+	Layout string
+	// PublishExisting: with LayoutDebezium, rows already in an existing
+	// table are left unpublished for the relay's first sweep, instead of
+	// counting as published (delivered by Debezium).
+	PublishExisting bool
 }
 
-// All returns the embedded migrations in version order.
-func All() ([]Migration, error) {
+// All returns the embedded migrations of the default layout in version
+// order.
+func All() ([]Migration, error) { return ForLayout(LayoutDefault) }
+
+// ForLayout returns the embedded migrations of a layout in version order.
+func ForLayout(layout string) ([]Migration, error) {
+	if layout == "" {
+		layout = LayoutDefault
+	}
+	if layout != LayoutDefault && layout != LayoutDebezium {
+		return nil, fmt.Errorf("unknown table layout %q (known: %s, %s)", layout, LayoutDefault, LayoutDebezium)
+	}
 	entries, err := fs.Glob(files, "*.sql")
 	if err != nil {
 		return nil, err
 	}
-	var ms []Migration
+	byVersion := map[int]Migration{}
 	for _, name := range entries {
 		num, _, ok := strings.Cut(name, "_")
 		v, err := strconv.Atoi(num)
 		if !ok || err != nil {
 			return nil, fmt.Errorf("migration file %s: name must start with a version number", name)
 		}
+		base := strings.TrimSuffix(name, ".sql")
+		fileLayout := LayoutDefault
+		if stem, l, ok := strings.Cut(base, "."); ok {
+			base, fileLayout = stem, l
+		}
+		if fileLayout != layout && fileLayout != LayoutDefault {
+			continue // another layout's
+		}
+		if _, dup := byVersion[v]; dup && fileLayout == LayoutDefault {
+			continue // this layout has its own
+		}
 		b, err := files.ReadFile(name)
 		if err != nil {
 			return nil, err
 		}
-		ms = append(ms, Migration{Version: v, Name: strings.TrimSuffix(name, ".sql"), SQL: string(b)})
+		byVersion[v] = Migration{Version: v, Name: base, SQL: string(b)}
+	}
+	var ms []Migration
+	for _, m := range byVersion {
+		ms = append(ms, m)
 	}
 	sort.Slice(ms, func(i, j int) bool { return ms[i].Version < ms[j].Version })
 	return ms, nil
@@ -85,8 +126,14 @@ func (m Migration) Render(t Target) string {
 		return base + suffix
 	}
 	seq := pgx.Identifier{t.Schema, suffixed("_relay_seq_seq")}.Sanitize()
+	existing := "now()"
+	if t.PublishExisting {
+		existing = "NULL"
+	}
 	r := strings.NewReplacer(
 		"{{table}}", pgx.Identifier{t.Schema, t.Table}.Sanitize(),
+		"{{table_literal}}", QuoteLiteral(pgx.Identifier{t.Schema, t.Table}.Sanitize()),
+		"{{existing_published_at}}", existing,
 		"{{unpublished_index}}", pgx.Identifier{name("_unpublished_idx")}.Sanitize(),
 		"{{relay_seq_index}}", pgx.Identifier{suffixed("_relay_seq_idx")}.Sanitize(),
 		"{{relay_seq_function}}", pgx.Identifier{t.Schema, suffixed("_relay_seq_next")}.Sanitize(),
@@ -110,7 +157,7 @@ type Result struct {
 // Apply runs every migration not yet recorded for t.
 func Apply(ctx context.Context, conn *pgx.Conn, t Target) (Result, error) {
 	var res Result
-	ms, err := All()
+	ms, err := ForLayout(t.Layout)
 	if err != nil {
 		return res, err
 	}

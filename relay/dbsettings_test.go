@@ -111,7 +111,7 @@ func TestDatabaseSettingsDoNotReachTheRelay(t *testing.T) {
 	pool, err := pgxpool.NewWithConfig(ctx, pc)
 	must(t, err)
 	defer pool.Close()
-	rep, err := relaystatus.Gather(ctx, pool, e.cfg.Slot, e.cfg.Publication, "public", "outbox_events", 0, false)
+	rep, err := relaystatus.Gather(ctx, pool, e.cfg.Slot, e.cfg.Publication, "public", "outbox_events", "occurred_at", 0, false)
 	if err != nil {
 		t.Fatalf("status under the strict settings: %v", err)
 	}
@@ -162,7 +162,7 @@ func TestSlotCreationSaysWhatItWaitsFor(t *testing.T) {
 		return strings.Contains(r.metrics.Ready(), want)
 	})
 	t.Logf("/readyz: %s", r.metrics.Ready())
-	rep, err := relaystatus.Gather(ctx, e.pool, e.cfg.Slot, e.cfg.Publication, "public", "outbox_events", 0, false)
+	rep, err := relaystatus.Gather(ctx, e.pool, e.cfg.Slot, e.cfg.Publication, "public", "outbox_events", "occurred_at", 0, false)
 	must(t, err)
 	named := false
 	for _, b := range rep.SlotCreationWaitsFor {

@@ -310,7 +310,10 @@ func (e *env) waitReceived(n int, timeout time.Duration) {
 func (e *env) unpublished() int {
 	e.t.Helper()
 	var n int
-	must(e.t, e.pool.QueryRow(context.Background(), `SELECT count(*) FROM outbox_events WHERE published_at IS NULL`).Scan(&n))
+	schema, table, err := config.SplitTable(e.cfg.Table)
+	must(e.t, err)
+	must(e.t, e.pool.QueryRow(context.Background(), `SELECT count(*) FROM `+pgx.Identifier{schema, table}.Sanitize()+
+		` WHERE published_at IS NULL`).Scan(&n))
 	return n
 }
 

@@ -87,7 +87,7 @@ func TestSearchPathWithoutPublic(t *testing.T) {
 	pool, err := pgxpool.NewWithConfig(context.Background(), pc)
 	must(t, err)
 	defer pool.Close()
-	rep, err := relaystatus.Gather(context.Background(), pool, e.cfg.Slot, e.cfg.Publication, "public", "outbox_events", 0, false)
+	rep, err := relaystatus.Gather(context.Background(), pool, e.cfg.Slot, e.cfg.Publication, "public", "outbox_events", "occurred_at", 0, false)
 	if err != nil {
 		t.Fatalf("status: %v", err)
 	}

@@ -88,7 +88,8 @@ func (e *env) testSession() *session {
 	key, err := config.ParseRoutingKey(e.cfg.RoutingKey)
 	must(e.t, err)
 	r := &Relay{opt: Options{Config: e.cfg, Pool: e.pool}, cfg: e.cfg, log: zerolog.New(zerolog.NewTestWriter(e.t)),
-		m: metrics.New(), key: key, schema: "public", table: "outbox_events", tableIdent: `"public"."outbox_events"`}
+		m: metrics.New(), key: key, schema: "public", table: "outbox_events", tableIdent: `"public"."outbox_events"`,
+		cols: decoder.DefaultColumns, layout: decoder.NewLayout(decoder.DefaultColumns), idCol: `"id"`}
 	r.db = r
 	return &session{r: r, log: r.log, tracker: checkpoint.New(0)}
 }

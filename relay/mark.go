@@ -382,25 +382,25 @@ func (r *Relay) countRecorded(ctx context.Context) (int, error) {
 // marked. Records of rows known gone (their transaction is visible, their
 // row is not there: deleted) are deleted too, and returned in gone.
 func (r *Relay) completeRecorded(ctx context.Context) (int, []string, error) {
-	t := r.tableIdent
+	t, oid := r.tableIdent, "o."+r.idCol
 	done := `UPDATE ` + t + ` o SET published_at = now()
 			FROM ` + r.stateTable(confirmedTable) + ` c
-			WHERE c.slot_name = $1 AND o.id = c.id AND o.published_at IS NULL
-			RETURNING o.id`
+			WHERE c.slot_name = $1 AND ` + oid + ` = c.id AND o.published_at IS NULL
+			RETURNING ` + oid + ` AS id`
 	if r.deleting() {
 		done = `DELETE FROM ` + t + ` o
 			USING ` + r.stateTable(confirmedTable) + ` c
-			WHERE c.slot_name = $1 AND o.id = c.id AND o.published_at IS NULL
-			RETURNING o.id`
+			WHERE c.slot_name = $1 AND ` + oid + ` = c.id AND o.published_at IS NULL
+			RETURNING ` + oid + ` AS id`
 	}
 	q := `WITH marked AS (` + done + `)
 		DELETE FROM ` + r.stateTable(confirmedTable) + ` c
 		WHERE c.slot_name = $1 AND (
 			c.id IN (SELECT id FROM marked)
-			OR EXISTS (SELECT 1 FROM ` + t + ` o WHERE o.id = c.id AND o.published_at IS NOT NULL)
+			OR EXISTS (SELECT 1 FROM ` + t + ` o WHERE ` + oid + ` = c.id AND o.published_at IS NOT NULL)
 			OR (pg_visible_in_snapshot(c.xid, pg_current_snapshot())
-				AND NOT EXISTS (SELECT 1 FROM ` + t + ` o WHERE o.id = c.id)))
-		RETURNING c.id::text, NOT EXISTS (SELECT 1 FROM ` + t + ` o WHERE o.id = c.id)`
+				AND NOT EXISTS (SELECT 1 FROM ` + t + ` o WHERE ` + oid + ` = c.id)))
+		RETURNING c.id::text, NOT EXISTS (SELECT 1 FROM ` + t + ` o WHERE ` + oid + ` = c.id)`
 	qctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
 	defer cancel()
 	rows, err := r.opt.Pool.Query(qctx, q, r.cfg.Slot)
@@ -453,10 +453,10 @@ func remove(ids, done []string) []string {
 func (r *Relay) markSQL(param string) string {
 	if r.deleting() {
 		return `DELETE FROM ` + r.tableIdent + `
-		WHERE id = ANY(` + param + `::uuid[]) AND published_at IS NULL RETURNING id::text`
+		WHERE ` + r.idCol + ` = ANY(` + param + `::uuid[]) AND published_at IS NULL RETURNING ` + r.idCol + `::text`
 	}
 	return `UPDATE ` + r.tableIdent + ` SET published_at = now()
-		WHERE id = ANY(` + param + `::uuid[]) AND published_at IS NULL RETURNING id::text`
+		WHERE ` + r.idCol + ` = ANY(` + param + `::uuid[]) AND published_at IS NULL RETURNING ` + r.idCol + `::text`
 }
 
 // markRows marks (or deletes) the rows published and returns the ids it
@@ -472,7 +472,7 @@ func (r *Relay) markRows(ctx context.Context, ids []string) ([]string, error) {
 // publishedRows returns the ids among ids whose rows are already marked,
 // or whose confirmation is recorded (record): those count as published.
 func (r *Relay) publishedRows(ctx context.Context, ids []string) ([]string, error) {
-	q := `SELECT id::text FROM ` + r.tableIdent + ` WHERE id = ANY($1::uuid[]) AND published_at IS NOT NULL
+	q := `SELECT ` + r.idCol + `::text FROM ` + r.tableIdent + ` WHERE ` + r.idCol + ` = ANY($1::uuid[]) AND published_at IS NOT NULL
 		UNION ALL
 		SELECT id::text FROM ` + r.stateTable(confirmedTable) + ` WHERE slot_name = $2 AND id = ANY($1::uuid[])`
 	return r.ids(ctx, "read published rows", q, ids, r.cfg.Slot)
@@ -505,13 +505,13 @@ func (r *Relay) replayRows(ctx context.Context, ids []string, xids []int64) (don
 	// and one of an invisible transaction is neither done nor gone.
 	q := `WITH cur AS (SELECT pg_current_snapshot() AS snap,
 			pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax)
-		SELECT u.id::text, d.done, o.id IS NULL AND NOT d.done AND NOT ($4 AND u.xid <> 0)
+		SELECT u.id::text, d.done, o.`+r.idCol+` IS NULL AND NOT d.done AND NOT ($4 AND u.xid <> 0)
 		FROM unnest($1::uuid[], $3::bigint[]) AS u(id, xid)
 		CROSS JOIN cur
-		LEFT JOIN ` + r.tableIdent + ` o ON o.id = u.id
+		LEFT JOIN ` + r.tableIdent + ` o ON o.` + r.idCol + ` = u.id
 		CROSS JOIN LATERAL (SELECT COALESCE(o.published_at IS NOT NULL, false) OR EXISTS (
 			SELECT 1 FROM ` + r.stateTable(confirmedTable) + ` c WHERE c.slot_name = $2 AND c.id = u.id)) AS s(done)
-		CROSS JOIN LATERAL (SELECT s.done OR ($4 AND o.id IS NULL AND u.xid <> 0
+		CROSS JOIN LATERAL (SELECT s.done OR ($4 AND o.` + r.idCol + ` IS NULL AND u.xid <> 0
 			AND pg_visible_in_snapshot(` + widenXid("u.xid") + `, cur.snap))) AS d(done)`
 	args := []any{ids, r.cfg.Slot, xids, r.deleting()}
 	qctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
@@ -580,7 +580,7 @@ func (r *Relay) rowGone(ctx context.Context, id string, xid uint32) (bool, error
 		}
 	}
 	var exists bool
-	err := r.opt.Pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM `+r.tableIdent+` WHERE id = $1::uuid)`, id).Scan(&exists)
+	err := r.opt.Pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM `+r.tableIdent+` WHERE `+r.idCol+` = $1::uuid)`, id).Scan(&exists)
 	if err != nil {
 		return false, classifyPg(fmt.Errorf("check row exists: %w", err))
 	}

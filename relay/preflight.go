@@ -12,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/outbox-relay/outbox-relay/config"
+	"github.com/outbox-relay/outbox-relay/decoder"
 )
 
 // slotInfo is the slot's row in pg_replication_slots.
@@ -51,16 +52,8 @@ func (r *Relay) preflight(ctx context.Context) (slotInfo, error) {
 		return si, fmt.Errorf("%w: publication %q does not include table %s (RELAY_TABLE)",
 			ErrMisconfigured, r.cfg.Publication, r.cfg.Table)
 	}
-	var hasSeq bool
-	err = r.opt.Pool.QueryRow(ctx, `SELECT
-		EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = $1::regclass AND attname = 'relay_seq' AND NOT attisdropped)`,
-		r.tableIdent).Scan(&hasSeq)
-	if err != nil {
-		return si, classifyPg(fmt.Errorf("check table %s: %w", r.cfg.Table, err))
-	}
-	if !hasSeq {
-		return si, fmt.Errorf("%w: table %s has no relay_seq column, which orders the table sweep: "+
-			"run `outbox-relay migrate` (migration 004 adds it without rewriting the table)", ErrMisconfigured, r.cfg.Table)
+	if err := r.checkColumns(ctx); err != nil {
+		return si, err
 	}
 	if err := r.checkWritePrivilege(ctx); err != nil {
 		return si, err
@@ -100,6 +93,70 @@ func (r *Relay) preflight(ctx context.Context) (slotInfo, error) {
 		}
 	}
 	return si, nil
+}
+
+// checkColumns checks that the table has every column the relay reads
+// (RELAY_COLUMNS, RELAY_HEADER_COLUMNS) and the two it keeps itself
+// (published_at, relay_seq), and notes which optional trace columns it has.
+func (r *Relay) checkColumns(ctx context.Context) error {
+	rows, err := r.opt.Pool.Query(ctx, `SELECT attname::text, format_type(atttypid, atttypmod)
+		FROM pg_attribute WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped`, r.tableIdent)
+	if err != nil {
+		return classifyPg(fmt.Errorf("check table %s: %w", r.cfg.Table, err))
+	}
+	types := map[string]string{}
+	for rows.Next() {
+		var name, typ string
+		if err := rows.Scan(&name, &typ); err != nil {
+			return classifyPg(fmt.Errorf("check table %s: %w", r.cfg.Table, err))
+		}
+		types[name] = typ
+	}
+	if err := rows.Err(); err != nil {
+		return classifyPg(fmt.Errorf("check table %s: %w", r.cfg.Table, err))
+	}
+	migrate := "`outbox-relay migrate`"
+	if spec := strings.TrimSpace(r.cfg.ColumnsSpec); spec != "" && spec != "default" {
+		migrate = "`outbox-relay migrate` with this RELAY_COLUMNS (it adds the relay's columns to an existing table and leaves the table's own as they are)"
+	}
+	var missing []string
+	for _, f := range decoder.ColumnFields[:6] {
+		if c := r.cols.Column(f); c != "" && types[c] == "" {
+			missing = append(missing, fmt.Sprintf("%s (the %s column)", c, f))
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("%w: table %s has no column %s: set RELAY_COLUMNS to the table's columns (now %s)",
+			ErrMisconfigured, r.cfg.Table, strings.Join(missing, ", "), r.cols.String())
+	}
+	for _, h := range r.cols.Headers {
+		if types[h] == "" {
+			missing = append(missing, h)
+		}
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("%w: table %s has no column %s, named in RELAY_HEADER_COLUMNS",
+			ErrMisconfigured, r.cfg.Table, strings.Join(missing, ", "))
+	}
+	if t := types[r.cols.ID]; t != "uuid" {
+		return fmt.Errorf("%w: the id column %s of table %s is %s; the relay needs a uuid (the message id and the key of its marks)",
+			ErrMisconfigured, r.cols.ID, r.cfg.Table, t)
+	}
+	if types["published_at"] == "" {
+		return fmt.Errorf("%w: table %s has no published_at column, which the relay keeps (unpublished rows are published_at IS NULL, in both RELAY_ON_PUBLISHED modes): "+
+			"run %s; adding it does not rewrite the table", ErrMisconfigured, r.cfg.Table, migrate)
+	}
+	if types["relay_seq"] == "" {
+		return fmt.Errorf("%w: table %s has no relay_seq column, which orders the table sweep: "+
+			"run %s (migration 004 adds it without rewriting the table)", ErrMisconfigured, r.cfg.Table, migrate)
+	}
+	r.optional = map[string]bool{}
+	for _, c := range []string{r.cols.Traceparent, r.cols.Tracestate, r.cols.TracingSpanContext} {
+		if c != "" && types[c] != "" {
+			r.optional[c] = true
+		}
+	}
+	return nil
 }
 
 // checkWritePrivilege fails before anything is published when the role

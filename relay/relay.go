@@ -52,6 +52,10 @@ type Relay struct {
 	// layout the decoder's view of it.
 	cols     decoder.Columns
 	layout   *decoder.Layout
+	idCol    string // the id column, quoted
+	// optional are the optional mapped columns (trace context) the table
+	// has, as preflight found them: the sweep reads only those.
+	optional map[string]bool
 	streamed bool // a session has reached streaming at least once
 	// carried holds ids the broker confirmed in a session that failed
 	// before it could mark them. The next session marks them without
@@ -117,7 +121,7 @@ func build(opt Options) (*Relay, error) {
 	r := &Relay{
 		opt: opt, cfg: opt.Config, log: opt.Log, m: opt.Metrics, key: key,
 		schema: schema, table: table, tableIdent: pgx.Identifier{schema, table}.Sanitize(),
-		cols: cols, layout: decoder.NewLayout(cols),
+		cols: cols, layout: decoder.NewLayout(cols), idCol: pgx.Identifier{cols.ID}.Sanitize(),
 	}
 	r.db, r.connect = r, r.connectStream
 	return r, nil

@@ -89,14 +89,55 @@ func (r *Relay) sweepQueries() []string {
 		}
 		// Qualified: a bare name in ORDER BY means the output column of
 		// that name, here the text of the timestamp and of the id.
+		var by []string
+		for _, f := range o.by {
+			if c := r.sweepColumn(f); c != "" {
+				by = append(by, "t."+pgx.Identifier{c}.Sanitize())
+			}
+		}
 		out = append(out, `DECLARE outbox_relay_sweep NO SCROLL CURSOR FOR
-		SELECT id::text, aggregate_type::text, aggregate_id::text, event_type::text, payload::text, occurred_at::text
+		SELECT `+strings.Join(r.sweepSelect(), ", ")+`
 		FROM `+r.tableIdent+` AS t WHERE published_at IS NULL AND `+where+`
 			AND NOT EXISTS (SELECT 1 FROM `+r.stateTable(confirmedTable)+` c
-				WHERE c.slot_name = `+pgquote.Literal(r.cfg.Slot)+` AND c.id = t.id)
-		ORDER BY t.`+strings.Join(o.by, ", t."))
+				WHERE c.slot_name = `+pgquote.Literal(r.cfg.Slot)+` AND c.id = t.`+r.idCol+`)
+		ORDER BY `+strings.Join(by, ", "))
 	}
 	return out
+}
+
+// sweepColumn is the table's column for a name of sweepOrders: the
+// mapped column of a field, "" when the layout has none.
+func (r *Relay) sweepColumn(field string) string {
+	if field == "relay_seq" {
+		return field
+	}
+	return r.cols.Column(field)
+}
+
+// sweepSelect is the sweep's select list, in decoder.Row's order. Without
+// an occurred_at column a row's time is the sweep's (the stream's is the
+// commit time, which the table does not keep); the optional trace columns
+// are read when preflight found them.
+func (r *Relay) sweepSelect() []string {
+	col := func(name string) string { return "t." + pgx.Identifier{name}.Sanitize() + "::text" }
+	c := r.cols
+	sel := []string{col(c.ID), col(c.AggregateType), col(c.AggregateID), col(c.EventType), col(c.Payload)}
+	if c.OccurredAt != "" {
+		sel = append(sel, col(c.OccurredAt))
+	} else {
+		sel = append(sel, "now()::text")
+	}
+	for _, name := range []string{c.Traceparent, c.Tracestate, c.TracingSpanContext} {
+		if name != "" && r.optional[name] {
+			sel = append(sel, col(name))
+		} else {
+			sel = append(sel, "NULL::text")
+		}
+	}
+	for _, h := range c.Headers {
+		sel = append(sel, col(h))
+	}
+	return sel
 }
 
 // pgSweep is the sweep's transaction and its cursors, one after the other.
@@ -153,7 +194,15 @@ func (p *pgSweep) fetch(ctx context.Context, n int) ([]decoder.Row, error) {
 	page := make([]decoder.Row, 0, n)
 	for rows.Next() {
 		var row decoder.Row
-		if err := rows.Scan(&row.ID, &row.AggregateType, &row.AggregateID, &row.EventType, &row.Payload, &row.OccurredAt); err != nil {
+		dest := []any{&row.ID, &row.AggregateType, &row.AggregateID, &row.EventType, &row.Payload, &row.OccurredAt,
+			&row.Traceparent, &row.Tracestate, &row.SpanContext}
+		if n := len(p.r.cols.Headers); n > 0 {
+			row.Headers = make([]*string, n)
+			for i := range row.Headers {
+				dest = append(dest, &row.Headers[i])
+			}
+		}
+		if err := rows.Scan(dest...); err != nil {
 			return nil, classifyPg(fmt.Errorf("table sweep: %w", err))
 		}
 		page = append(page, row)
@@ -281,7 +330,7 @@ func (s *session) sweepPage(ctx context.Context, cur sweepCursor, ctr *checkpoin
 	}
 	page := make([]decoder.Event, len(rows))
 	for i := range rows {
-		page[i] = decoder.EventFromRow(rows[i])
+		page[i] = s.r.layout.EventFromRow(rows[i])
 		largest = max(largest, int(eventBytes(&page[i])))
 	}
 	for i := range page {

@@ -261,7 +261,7 @@ func TestSyncStandbyStarCommitsDoNotWaitOnRelay(t *testing.T) {
 			t.Errorf("/readyz = %d %q, want streaming and why commits may wait for the relay, with the fix", rec.Code, body)
 		}
 		// outbox-relay status says it too, in text and JSON.
-		rep, err := relaystatus.Gather(ctx, e.pool, e.cfg.Slot, e.cfg.Publication, "public", "outbox_events", 0, false)
+		rep, err := relaystatus.Gather(ctx, e.pool, e.cfg.Slot, e.cfg.Publication, "public", "outbox_events", "occurred_at", 0, false)
 		must(t, err)
 		var text, js bytes.Buffer
 		must(t, rep.WriteText(&text))

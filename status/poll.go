@@ -22,14 +22,14 @@ type querier interface {
 // starts it only when RELAY_STATUS_POLL_INTERVAL is set, because an idle
 // relay otherwise sends no queries at all. A failed poll is logged and
 // retried at the next tick; the gauges keep their last value.
-func Poll(ctx context.Context, db querier, slot, schema, table string, m *metrics.Metrics, every time.Duration, log zerolog.Logger) {
+func Poll(ctx context.Context, db querier, slot, schema, table, timeCol string, m *metrics.Metrics, every time.Duration, log zerolog.Logger) {
 	log = log.With().Str("component", "status-poll").Logger()
 	tick := time.NewTicker(every)
 	defer tick.Stop()
 	failing := false
 	atRisk := false
 	for {
-		walStatus, err := pollOnce(ctx, db, slot, schema, table, m)
+		walStatus, err := pollOnce(ctx, db, slot, schema, table, timeCol, m)
 		// Say once, before the slot is lost, that it is about to be:
 		// max_slot_wal_keep_size is reached while the relay lags or is
 		// stopped, and the WAL it needs goes at the next checkpoint.
@@ -66,12 +66,12 @@ func Poll(ctx context.Context, db querier, slot, schema, table string, m *metric
 // PollOnce reads the slot's retained WAL and safe WAL size and the
 // unpublished rows in one query and sets the gauges. A slot that does not
 // exist retains no WAL.
-func PollOnce(ctx context.Context, db querier, slot, schema, table string, m *metrics.Metrics) error {
-	_, err := pollOnce(ctx, db, slot, schema, table, m)
+func PollOnce(ctx context.Context, db querier, slot, schema, table, timeCol string, m *metrics.Metrics) error {
+	_, err := pollOnce(ctx, db, slot, schema, table, timeCol, m)
 	return err
 }
 
-func pollOnce(ctx context.Context, db querier, slot, schema, table string, m *metrics.Metrics) (walStatus string, err error) {
+func pollOnce(ctx context.Context, db querier, slot, schema, table, timeCol string, m *metrics.Metrics) (walStatus string, err error) {
 	q := `WITH s AS (SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained,
 				safe_wal_size, wal_status
 			FROM pg_replication_slots WHERE slot_name = $1)
@@ -80,7 +80,7 @@ func pollOnce(ctx context.Context, db querier, slot, schema, table string, m *me
 			coalesce((SELECT safe_wal_size FROM s), -1),
 			coalesce((SELECT wal_status FROM s), ''),
 			count(*),
-			coalesce(extract(epoch FROM now() - min(occurred_at)), 0)::float8
+			coalesce(` + oldestExpr(timeCol) + `, 0)::float8
 		FROM ` + pgx.Identifier{schema, table}.Sanitize() + ` WHERE published_at IS NULL`
 	var retained, safe, unpublished int64
 	var oldest float64

@@ -37,7 +37,7 @@ func TestPollSetsTheDatabaseGauges(t *testing.T) {
 	m := metrics.New()
 
 	// No slot, no rows: all zero.
-	if err := PollOnce(ctx, pool, slot, "public", "outbox_events", m); err != nil {
+	if err := PollOnce(ctx, pool, slot, "public", "outbox_events", "occurred_at", m); err != nil {
 		t.Fatal(err)
 	}
 	if r, u, o := gauge(m.SlotWALRetained), gauge(m.Unpublished), gauge(m.OldestUnpublishd); r != 0 || u != 0 || o != 0 {
@@ -58,7 +58,7 @@ func TestPollSetsTheDatabaseGauges(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		Poll(pctx, pool, slot, "public", "outbox_events", m, 20*time.Millisecond, zerolog.Nop())
+		Poll(pctx, pool, slot, "public", "outbox_events", "occurred_at", m, 20*time.Millisecond, zerolog.Nop())
 	}()
 	deadline := time.Now().Add(10 * time.Second)
 	for gauge(m.Unpublished) != 3 {
@@ -92,7 +92,7 @@ func TestPollOnceFailsOnAMissingTable(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer pool.Close()
-	if err := PollOnce(t.Context(), pool, "x", "public", "nope", metrics.New()); err == nil {
+	if err := PollOnce(t.Context(), pool, "x", "public", "nope", "occurred_at", metrics.New()); err == nil {
 		t.Fatal("PollOnce on a missing table returned nil")
 	}
 }

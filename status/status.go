@@ -68,7 +68,7 @@ type Report struct {
 // older than that as a problem. syncPublish is RELAY_SYNC_PUBLISH: without
 // it, a relay that is a synchronous standby candidate is a problem; with
 // it, one that is not.
-func Gather(ctx context.Context, pool *pgxpool.Pool, slot, publication, schema, table string, stuckAfter time.Duration,
+func Gather(ctx context.Context, pool *pgxpool.Pool, slot, publication, schema, table, timeCol string, stuckAfter time.Duration,
 	syncPublish bool) (*Report, error) {
 	rep := &Report{Slot: Slot{Name: slot}, Publication: publication, Table: schema + "." + table, Problems: []string{},
 		Sync: Sync{SyncPublish: syncPublish}}
@@ -115,7 +115,7 @@ func Gather(ctx context.Context, pool *pgxpool.Pool, slot, publication, schema, 
 	if !rep.PublicationExists {
 		rep.Problems = append(rep.Problems, fmt.Sprintf("publication %q does not exist (run `outbox-relay migrate`)", publication))
 	}
-	q := `SELECT count(*), extract(epoch FROM now() - min(occurred_at))::float8 FROM ` +
+	q := `SELECT count(*), ` + oldestExpr(timeCol) + ` FROM ` +
 		pgx.Identifier{schema, table}.Sanitize() + ` WHERE published_at IS NULL`
 	if err := pool.QueryRow(ctx, q).Scan(&rep.Unpublished, &rep.OldestUnpublishedS); err != nil {
 		return nil, fmt.Errorf("count unpublished rows in %s: %w", rep.Table, err)
@@ -128,6 +128,17 @@ func Gather(ctx context.Context, pool *pgxpool.Pool, slot, publication, schema, 
 		return nil, err
 	}
 	return rep, nil
+}
+
+// oldestExpr is the age in seconds of the oldest unpublished row by its
+// time column, or NULL when the table has none (RELAY_COLUMNS without
+// occurred_at: the event time is the commit time, which the table does not
+// keep).
+func oldestExpr(timeCol string) string {
+	if timeCol == "" {
+		return "NULL::float8"
+	}
+	return "extract(epoch FROM now() - min(" + pgx.Identifier{timeCol}.Sanitize() + "))::float8"
 }
 
 // gatherSync reads the slot's walsender's sync_state and the records of

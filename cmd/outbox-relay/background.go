@@ -32,7 +32,7 @@ func startBackground(ctx context.Context, cfg *config.Config, pool *pgxpool.Pool
 	}
 	if cfg.StatusPollInterval > 0 {
 		wg.Go(func() {
-			status.Poll(ctx, pool, cfg.Slot, schema, table, m, cfg.StatusPollInterval, log)
+			status.Poll(ctx, pool, cfg.Slot, schema, table, cfg.TimeColumn(), m, cfg.StatusPollInterval, log)
 		})
 	}
 	return func() {

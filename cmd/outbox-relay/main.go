@@ -16,6 +16,7 @@ import (
 	"os/signal"
 	"runtime"
 	"runtime/debug"
+	"strings"
 	"syscall"
 	"time"
 
@@ -259,11 +260,36 @@ func cmdRun(args []string, stderr io.Writer) int {
 func cmdMigrate(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("migrate", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	layout := fs.String("layout", "", "table layout to create when RELAY_TABLE does not exist: default or debezium "+
+		"(default: debezium when RELAY_COLUMNS starts with the debezium preset). With debezium, an existing table keeps its columns: "+
+		"only published_at, relay_seq, the relay's tables and the publication are added")
+	publishExisting := fs.Bool("publish-existing", false, "with --layout debezium: rows already in the table are published by the relay's first sweep "+
+		"(by default they count as published: Debezium delivered them)")
 	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "outbox-relay migrate: unexpected argument %q\n", fs.Arg(0))
 		return 2
 	}
 	cfg, ok := loadConfig(stderr, true)
 	if !ok {
+		return 2
+	}
+	debeziumColumns := strings.HasPrefix(strings.TrimSpace(cfg.ColumnsSpec), migrations.LayoutDebezium)
+	switch *layout {
+	case "":
+		*layout = migrations.LayoutDefault
+		if debeziumColumns {
+			*layout = migrations.LayoutDebezium
+		}
+	case migrations.LayoutDefault, migrations.LayoutDebezium:
+	default:
+		fmt.Fprintf(stderr, "outbox-relay migrate: --layout %q is not one of %s, %s\n", *layout, migrations.LayoutDefault, migrations.LayoutDebezium)
+		return 2
+	}
+	if *publishExisting && *layout != migrations.LayoutDebezium {
+		fmt.Fprintln(stderr, "outbox-relay migrate: --publish-existing applies to --layout debezium only (the default layout's rows are unpublished until marked)")
 		return 2
 	}
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
@@ -285,10 +311,14 @@ func cmdMigrate(args []string, stdout, stderr io.Writer) int {
 	}
 	defer conn.Close(context.Background())
 	schema, table, _ := config.SplitTable(cfg.Table)
-	res, err := migrations.Apply(ctx, conn, migrations.Target{Schema: schema, Table: table, Publication: cfg.Publication})
+	res, err := migrations.Apply(ctx, conn, migrations.Target{Schema: schema, Table: table, Publication: cfg.Publication,
+		Layout: *layout, PublishExisting: *publishExisting})
 	if err != nil {
 		fmt.Fprintf(stderr, "outbox-relay migrate: %v\n", err)
 		return 1
+	}
+	if *layout == migrations.LayoutDebezium && !debeziumColumns {
+		fmt.Fprintln(stdout, "note: the table has Debezium's layout; run the relay with RELAY_COLUMNS=debezium")
 	}
 	if len(res.Applied) == 0 {
 		fmt.Fprintf(stdout, "up to date at version %d (%s, publication %s)\n", res.Current, cfg.Table, cfg.Publication)
@@ -322,7 +352,7 @@ func cmdStatus(args []string, stdout, stderr io.Writer) int {
 	}
 	defer pool.Close()
 	schema, table, _ := config.SplitTable(cfg.Table)
-	rep, err := status.Gather(ctx, pool, cfg.Slot, cfg.Publication, schema, table, *stuck, cfg.SyncPublish)
+	rep, err := status.Gather(ctx, pool, cfg.Slot, cfg.Publication, schema, table, cfg.TimeColumn(), *stuck, cfg.SyncPublish)
 	if err != nil {
 		fmt.Fprintf(stderr, "outbox-relay status: %s: %v\n", config.Redact(cfg.DatabaseURL), err)
 		return 1
