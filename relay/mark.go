@@ -505,7 +505,7 @@ func (r *Relay) replayRows(ctx context.Context, ids []string, xids []int64) (don
 	// and one of an invisible transaction is neither done nor gone.
 	q := `WITH cur AS (SELECT pg_current_snapshot() AS snap,
 			pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax)
-		SELECT u.id::text, d.done, o.`+r.idCol+` IS NULL AND NOT d.done AND NOT ($4 AND u.xid <> 0)
+		SELECT u.id::text, d.done, o.` + r.idCol + ` IS NULL AND NOT d.done AND NOT ($4 AND u.xid <> 0)
 		FROM unnest($1::uuid[], $3::bigint[]) AS u(id, xid)
 		CROSS JOIN cur
 		LEFT JOIN ` + r.tableIdent + ` o ON o.` + r.idCol + ` = u.id

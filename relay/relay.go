@@ -50,9 +50,9 @@ type Relay struct {
 	tableIdent string
 	// cols is the table's layout (RELAY_COLUMNS, RELAY_HEADER_COLUMNS),
 	// layout the decoder's view of it.
-	cols     decoder.Columns
-	layout   *decoder.Layout
-	idCol    string // the id column, quoted
+	cols   decoder.Columns
+	layout *decoder.Layout
+	idCol  string // the id column, quoted
 	// optional are the optional mapped columns (trace context) the table
 	// has, as preflight found them: the sweep reads only those.
 	optional map[string]bool
