@@ -20,25 +20,28 @@ import (
 type Metrics struct {
 	Registry *prometheus.Registry
 
-	EventsPublished  prometheus.Counter
-	EventsSkipped    prometheus.Counter
-	DeadLettered     *prometheus.CounterVec // by reason class
-	ReplicationLag   prometheus.Gauge
-	AckedLSN         prometheus.Gauge
-	ReceivedLSN      prometheus.Gauge
-	ServerWALEnd     prometheus.Gauge
-	ConfirmSeconds   prometheus.Histogram
-	DeliverySeconds  prometheus.Histogram
-	MarkSeconds      prometheus.Histogram
-	StreamDelay      prometheus.Histogram
-	Reconnects       *prometheus.CounterVec // by dependency
-	Retries          *prometheus.CounterVec // by dependency and kind
-	Standby          prometheus.Gauge
-	SweptEvents      prometheus.Counter
-	SlotWALRetained  prometheus.Gauge
-	SlotSafeWAL      prometheus.Gauge
-	Unpublished      prometheus.Gauge
-	OldestUnpublishd prometheus.Gauge
+	EventsPublished prometheus.Counter
+	EventsSkipped   prometheus.Counter
+	// RowsDeletedBeforeMark counts published events whose rows were gone
+	// before the mark (the application deleted them).
+	RowsDeletedBeforeMark prometheus.Counter
+	DeadLettered          *prometheus.CounterVec // by reason class
+	ReplicationLag        prometheus.Gauge
+	AckedLSN              prometheus.Gauge
+	ReceivedLSN           prometheus.Gauge
+	ServerWALEnd          prometheus.Gauge
+	ConfirmSeconds        prometheus.Histogram
+	DeliverySeconds       prometheus.Histogram
+	MarkSeconds           prometheus.Histogram
+	StreamDelay           prometheus.Histogram
+	Reconnects            *prometheus.CounterVec // by dependency
+	Retries               *prometheus.CounterVec // by dependency and kind
+	Standby               prometheus.Gauge
+	SweptEvents           prometheus.Counter
+	SlotWALRetained       prometheus.Gauge
+	SlotSafeWAL           prometheus.Gauge
+	Unpublished           prometheus.Gauge
+	OldestUnpublishd      prometheus.Gauge
 	// SyncStandby is 1 while the relay's walsender is a synchronous standby
 	// candidate, labelled with its pg_stat_replication sync_state and
 	// whether RELAY_SYNC_PUBLISH asks for it.
@@ -68,6 +71,8 @@ func New() *Metrics {
 		Help: "Events confirmed by the broker and marked published."})
 	m.EventsSkipped = prometheus.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_events_skipped_total",
 		Help: "Replayed events not published again because their row was already marked."})
+	m.RowsDeletedBeforeMark = prometheus.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_rows_deleted_before_mark_total",
+		Help: "Published events whose rows the application had deleted before the relay could mark them."})
 	m.DeadLettered = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outbox_relay_events_dead_lettered_total",
 		Help: "Events sent to the dead-letter exchange, by reason."}, []string{"reason"})
 	m.ReplicationLag = prometheus.NewGauge(prometheus.GaugeOpts{Name: "outbox_relay_replication_lag_bytes",
@@ -115,7 +120,7 @@ func New() *Metrics {
 	m.EventsRecorded = prometheus.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_events_recorded_total",
 		Help: "Confirmed events recorded in outbox_relay_confirmed because their rows were not yet visible to mark " +
 			"(their commit waited, e.g. for a synchronous standby)."})
-	for _, c := range []prometheus.Collector{m.BrokerBlocked, blockedSeconds, m.SyncStandby, m.EventsRecorded, m.EventsPublished, m.EventsSkipped, m.DeadLettered, m.ReplicationLag,
+	for _, c := range []prometheus.Collector{m.BrokerBlocked, blockedSeconds, m.SyncStandby, m.EventsRecorded, m.EventsPublished, m.EventsSkipped, m.RowsDeletedBeforeMark, m.DeadLettered, m.ReplicationLag,
 		m.AckedLSN, m.ReceivedLSN, m.ServerWALEnd, m.ConfirmSeconds, m.DeliverySeconds, m.MarkSeconds, m.StreamDelay, m.Reconnects,
 		m.Retries, m.Standby, m.SweptEvents, m.SlotWALRetained, m.SlotSafeWAL, m.Unpublished, m.OldestUnpublishd} {
 		f(c)

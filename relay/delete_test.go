@@ -86,32 +86,47 @@ func TestDeleteModeSweepsStreamsAndDeletes(t *testing.T) {
 // TestDeleteModeReplaySkipsDeletedRows: the previous relay published and
 // deleted 30 rows but crashed before it acknowledged them, so the slot
 // delivers them again. Their transactions are visible and their rows are
-// gone: the replay publishes none of them. With the mark's replay check a
-// missing row counts as "deleted by the application, unknown whether
-// published" and all 40 would be published.
+// gone, and they committed before the slot's deleted_through: the replay
+// publishes none of them. With the mark's replay check a missing row counts
+// as "deleted by the application, unknown whether published" and all would
+// be published. Five rows the application deleted after deleted_through,
+// before any relay published them, are published: skipping every missing
+// row lost all events of a table whose producers delete their rows.
 func TestDeleteModeReplaySkipsDeletedRows(t *testing.T) {
 	e := newDeleteEnv(t)
 	ctx := context.Background()
 	_, err := e.pool.Exec(ctx, `SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, e.cfg.Slot)
 	must(t, err)
-	var done, fresh []event
+	var done, fresh, cancelled []event
 	for range 30 {
 		done = append(done, newEvent("order", "created", `{}`))
 	}
 	for range 10 {
 		fresh = append(fresh, newEvent("order", "paid", `{}`))
 	}
+	for range 5 {
+		cancelled = append(cancelled, newEvent("order", "cancelled", `{}`))
+	}
 	e.insertTx(done[:15], true, nil)
 	e.insertTx(done[15:], true, nil)
-	e.insertTx(fresh, true, nil)
+	// The previous relay deleted these and recorded their position.
 	_, err = e.pool.Exec(ctx, `DELETE FROM outbox_events WHERE event_type = 'created'`)
+	must(t, err)
+	_, err = e.pool.Exec(ctx, `INSERT INTO outbox_relay_slot_state (slot_name, sweep_pending, deleted_through)
+		VALUES ($1, false, pg_current_wal_lsn())`, e.cfg.Slot)
+	must(t, err)
+	e.insertTx(fresh, true, nil)
+	// The application deletes these before any relay published them: past
+	// deleted_through, so they are published (the stream has them).
+	e.insertTx(cancelled, true, nil)
+	_, err = e.pool.Exec(ctx, `DELETE FROM outbox_events WHERE event_type = 'cancelled'`)
 	must(t, err)
 	end := e.currentLSN()
 
 	r := e.start(nil)
 	waitFor(t, 20*time.Second, "the slot past the replay", func() bool { return e.slotPast(end) })
-	// Only the 10 whose rows are still there, each once, in order.
-	e.checkReceivedInOrder(idsOf(fresh))
+	// Not the 30 done, each of the others once, in order.
+	e.checkReceivedInOrder(append(idsOf(fresh), idsOf(cancelled)...))
 	waitFor(t, 10*time.Second, "the fresh rows deleted", func() bool { return e.rows() == 0 })
 	r.stop(t)
 }

@@ -136,7 +136,11 @@ func (s *session) nextConfirmed(ctx context.Context) (*item, bool, error) {
 
 func (s *session) markBatch(ctx context.Context, batch []*item) error {
 	ids := make([]string, 0, len(batch))
+	var through streamPos // the batch's last event in the stream (delete mode's deleted_through)
 	for _, it := range batch {
+		if it.pos.after(through) {
+			through = it.pos
+		}
 		if it.fate != fateSkip {
 			ids = append(ids, it.ev.ID)
 		}
@@ -151,9 +155,9 @@ func (s *session) markBatch(ctx context.Context, batch []*item) error {
 		if s.prompt.Load() {
 			// Commits may wait for the relay: their rows are invisible
 			// until it acknowledges. Mark and record in one round trip.
-			marked, err = s.markOrRecord(ctx, ids, batch)
+			marked, err = s.markOrRecord(ctx, ids, batch, through)
 		} else {
-			marked, err = s.r.db.markRows(ctx, ids)
+			marked, err = s.r.db.markRows(ctx, ids, through)
 		}
 		if err != nil {
 			return err
@@ -186,9 +190,7 @@ func (s *session) markBatch(ctx context.Context, batch []*item) error {
 			if err != nil {
 				return err
 			}
-			if len(gone) > 0 {
-				s.log.Warn().Strs("ids", gone).Msg("published events whose rows were deleted before they could be marked")
-			}
+			s.noteDeleted(gone)
 			ids = remove(ids, gone)
 			if len(ids) == 0 {
 				break
@@ -247,7 +249,7 @@ func widenXid(param string) string {
 // published, so the acknowledgement can go out before the mark. The marker
 // records only while commits may wait for the relay (session.prompt);
 // otherwise invisible rows are the short race of invariant 5, and it waits.
-func (s *session) markOrRecord(ctx context.Context, ids []string, batch []*item) ([]string, error) {
+func (s *session) markOrRecord(ctx context.Context, ids []string, batch []*item, through streamPos) ([]string, error) {
 	want := make(map[string]struct{}, len(ids))
 	for _, id := range ids {
 		want[id] = struct{}{}
@@ -261,7 +263,7 @@ func (s *session) markOrRecord(ctx context.Context, ids []string, batch []*item)
 			delete(want, it.ev.ID)
 		}
 	}
-	done, recorded, err := s.r.db.markOrRecord(ctx, ids, rid, xids)
+	done, recorded, err := s.r.db.markOrRecord(ctx, ids, rid, xids, through)
 	if err != nil {
 		return nil, err
 	}
@@ -277,8 +279,17 @@ func (s *session) markOrRecord(ctx context.Context, ids []string, batch []*item)
 // relay. One snapshot: a row is marked if visible, and recorded only if its
 // transaction is not; a row that becomes visible after the statement is
 // marked by completeRecorded.
-func (r *Relay) markOrRecord(ctx context.Context, ids, recIDs []string, xids []int64) ([]string, int, error) {
-	q := `WITH cur AS (SELECT pg_current_snapshot() AS snap,
+//
+// In delete mode it moves deleted_through to through, as markRows does:
+// a recorded event is confirmed too.
+func (r *Relay) markOrRecord(ctx context.Context, ids, recIDs []string, xids []int64, through streamPos) ([]string, int, error) {
+	dt := ""
+	args := []any{r.cfg.Slot, ids, recIDs, xids}
+	if r.deleting() && through.lsn != 0 {
+		dt = r.deletedThroughCTE("$1", "$5", "$6") + ",\n"
+		args = append(args, through.lsn.String(), through.event)
+	}
+	q := `WITH ` + dt + `cur AS (SELECT pg_current_snapshot() AS snap,
 			pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax),
 		marked AS (` + r.markSQL("$2") + `),
 		x AS (SELECT u.id, ` + widenXid("u.xid") + ` AS xid, cur.snap
@@ -289,7 +300,7 @@ func (r *Relay) markOrRecord(ctx context.Context, ids, recIDs []string, xids []i
 		SELECT id::text, false FROM marked UNION ALL SELECT id::text, true FROM rec`
 	qctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
 	defer cancel()
-	rows, err := r.opt.Pool.Query(qctx, q, r.cfg.Slot, ids, recIDs, xids)
+	rows, err := r.opt.Pool.Query(qctx, q, args...)
 	if err != nil {
 		return nil, 0, classifyPg(fmt.Errorf("mark rows published or record them (outbox_relay_confirmed): %w", err))
 	}
@@ -353,9 +364,7 @@ func (s *session) completeRecorded(ctx context.Context, force bool) error {
 		return err
 	}
 	s.r.m.MarkSeconds.Observe(time.Since(t0).Seconds())
-	if len(gone) > 0 {
-		s.log.Warn().Strs("ids", gone).Msg("published events whose rows were deleted before they could be marked")
-	}
+	s.noteDeleted(gone)
 	s.records = max(0, s.records-n)
 	return nil
 }
@@ -427,6 +436,24 @@ func (r *Relay) completeRecorded(ctx context.Context) (int, []string, error) {
 	return n, gone, nil
 }
 
+// noteDeleted counts published events whose rows the application deleted
+// before the mark, and says so at most once a minute: an application that
+// deletes each row in the transaction that inserts it (as Debezium users
+// do) makes every event one of these.
+func (s *session) noteDeleted(gone []string) {
+	if len(gone) == 0 {
+		return
+	}
+	s.r.m.RowsDeletedBeforeMark.Add(float64(len(gone)))
+	s.deletedSinceLog += len(gone)
+	if time.Since(s.deletedLogged) < time.Minute {
+		return
+	}
+	s.log.Warn().Int("events", s.deletedSinceLog).Str("last", gone[len(gone)-1]).
+		Msg("published events whose rows were deleted before they could be marked (outbox_relay_rows_deleted_before_mark_total)")
+	s.deletedLogged, s.deletedSinceLog = time.Now(), 0
+}
+
 // remove drops the ids in done from ids.
 func remove(ids, done []string) []string {
 	if len(done) == 0 {
@@ -461,12 +488,34 @@ func (r *Relay) markSQL(param string) string {
 
 // markRows marks (or deletes) the rows published and returns the ids it
 // reached.
-func (r *Relay) markRows(ctx context.Context, ids []string) ([]string, error) {
-	what := "mark rows published"
-	if r.deleting() {
-		what = "delete published rows"
+//
+// In delete mode the same statement moves the slot's deleted_through to
+// through, the batch's last stream position: every event up to it is
+// confirmed (marks follow stream order), so the replay check knows a
+// missing row up to it was published and one after it was deleted by the
+// application. One more row version per batch, not per event.
+func (r *Relay) markRows(ctx context.Context, ids []string, through streamPos) ([]string, error) {
+	if !r.deleting() {
+		return r.ids(ctx, "mark rows published", r.markSQL("$1"), ids)
 	}
-	return r.ids(ctx, what, r.markSQL("$1"), ids)
+	if through.lsn == 0 { // swept rows only: no stream position to record
+		return r.ids(ctx, "delete published rows", r.markSQL("$1"), ids)
+	}
+	q := `WITH d AS (` + r.markSQL("$1") + `), ` + r.deletedThroughCTE("$2", "$3", "$4") + `
+		SELECT * FROM d`
+	return r.ids(ctx, "delete published rows", q, ids, r.cfg.Slot, through.lsn.String(), through.event)
+}
+
+// deletedThroughCTE is a CTE (named dt) that moves the slot's
+// deleted_through forward to the position ($lsn as text, $event), never
+// back.
+func (r *Relay) deletedThroughCTE(slot, lsn, event string) string {
+	return `dt AS (INSERT INTO ` + r.stateTable(slotStateTable) + ` AS s (slot_name, sweep_pending, deleted_through, deleted_through_event)
+			VALUES (` + slot + `, false, ` + lsn + `::text::pg_lsn, ` + event + `::int)
+			ON CONFLICT (slot_name) DO UPDATE SET (deleted_through, deleted_through_event) =
+				(excluded.deleted_through, excluded.deleted_through_event)
+			WHERE s.deleted_through IS NULL OR (excluded.deleted_through, excluded.deleted_through_event) >
+				(s.deleted_through, coalesce(s.deleted_through_event, 0)))`
 }
 
 // publishedRows returns the ids among ids whose rows are already marked,
@@ -500,20 +549,30 @@ func (r *Relay) ids(ctx context.Context, what, q string, args ...any) ([]string,
 // application: nothing to publish either way), and one whose transaction is
 // not visible yet (a commit waiting for a synchronous standby) is neither,
 // so it is published.
-func (r *Relay) replayRows(ctx context.Context, ids []string, xids []int64) (done, gone []string, err error) {
-	// $4: delete mode, where a missing row of a visible transaction is done
-	// and one of an invisible transaction is neither done nor gone.
+func (r *Relay) replayRows(ctx context.Context, ids []string, xids []int64, pos []streamPos) (done, gone []string, err error) {
+	// $4: delete mode, where a missing row of a visible transaction that
+	// committed at or before deleted_through is done (published, then
+	// deleted by the relay or the application) and any other missing row
+	// is neither done nor gone: the application deleted it before it was
+	// published, or its transaction is not visible yet.
 	q := `WITH cur AS (SELECT pg_current_snapshot() AS snap,
-			pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax)
+			pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax,
+			(SELECT deleted_through FROM ` + r.stateTable(slotStateTable) + ` WHERE slot_name = $2) AS dt_lsn,
+			(SELECT coalesce(deleted_through_event, 0) FROM ` + r.stateTable(slotStateTable) + ` WHERE slot_name = $2) AS dt_event)
 		SELECT u.id::text, d.done, o.` + r.idCol + ` IS NULL AND NOT d.done AND NOT ($4 AND u.xid <> 0)
-		FROM unnest($1::uuid[], $3::bigint[]) AS u(id, xid)
+		FROM unnest($1::uuid[], $3::bigint[], $5::text[], $6::int[]) AS u(id, xid, lsn, event)
 		CROSS JOIN cur
 		LEFT JOIN ` + r.tableIdent + ` o ON o.` + r.idCol + ` = u.id
 		CROSS JOIN LATERAL (SELECT COALESCE(o.published_at IS NOT NULL, false) OR EXISTS (
 			SELECT 1 FROM ` + r.stateTable(confirmedTable) + ` c WHERE c.slot_name = $2 AND c.id = u.id)) AS s(done)
 		CROSS JOIN LATERAL (SELECT s.done OR ($4 AND o.` + r.idCol + ` IS NULL AND u.xid <> 0
+			AND cur.dt_lsn IS NOT NULL AND (u.lsn::pg_lsn, u.event) <= (cur.dt_lsn, cur.dt_event)
 			AND pg_visible_in_snapshot(` + widenXid("u.xid") + `, cur.snap))) AS d(done)`
-	args := []any{ids, r.cfg.Slot, xids, r.deleting()}
+	lsns, events := make([]string, len(pos)), make([]int32, len(pos))
+	for i, p := range pos {
+		lsns[i], events[i] = p.lsn.String(), p.event
+	}
+	args := []any{ids, r.cfg.Slot, xids, r.deleting(), lsns, events}
 	qctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
 	defer cancel()
 	rows, err := r.opt.Pool.Query(qctx, q, args...)
@@ -544,47 +603,28 @@ func (r *Relay) replayRows(ctx context.Context, ids []string, xids []int64) (don
 // snapshot but whose row is not there: deleted after insert, so there is
 // nothing to mark. Rows of transactions not yet visible are kept waiting.
 func (s *session) deletedRows(ctx context.Context, ids []string, batch []*item) ([]string, error) {
-	waiting := make(map[string]*item, len(batch))
+	xidOf := make(map[string]uint32, len(batch))
 	for _, it := range batch {
-		waiting[it.ev.ID] = it
+		xidOf[it.ev.ID] = it.xid
 	}
-	var gone []string
-	for _, id := range ids {
-		g, err := s.r.db.rowGone(ctx, id, waiting[id].xid)
-		if err != nil {
-			return nil, err
-		}
-		if g {
-			gone = append(gone, id)
-		}
+	xids := make([]int64, len(ids))
+	for i, id := range ids {
+		xids[i] = int64(xidOf[id])
 	}
-	return gone, nil
+	return s.r.db.rowsGone(ctx, ids, xids)
 }
 
-func (r *Relay) rowGone(ctx context.Context, id string, xid uint32) (bool, error) {
-	ctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
-	defer cancel()
-	if xid != 0 {
-		// Widen the 32-bit xid with the epoch of the current snapshot.
-		visible := true
-		err := r.opt.Pool.QueryRow(ctx, `
-			WITH cur AS (SELECT pg_current_snapshot() AS snap,
-				pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax)
-			SELECT pg_visible_in_snapshot(`+widenXid("$1::bigint")+`, cur.snap)
-			FROM cur`, int64(xid)).Scan(&visible)
-		if err != nil {
-			return false, classifyPg(fmt.Errorf("check transaction visibility: %w", err))
-		}
-		if !visible {
-			return false, nil
-		}
-	}
-	var exists bool
-	err := r.opt.Pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM `+r.tableIdent+` WHERE `+r.idCol+` = $1::uuid)`, id).Scan(&exists)
-	if err != nil {
-		return false, classifyPg(fmt.Errorf("check row exists: %w", err))
-	}
-	return !exists, nil
+// rowsGone returns the ids whose transaction (xids[i]; 0 for a swept row)
+// is visible and whose row is not there, in one statement: a table whose
+// application deletes each row in the transaction that inserts it
+// (Debezium's habit) has every row of every batch here.
+func (r *Relay) rowsGone(ctx context.Context, ids []string, xids []int64) ([]string, error) {
+	q := `WITH cur AS (SELECT pg_current_snapshot() AS snap,
+			pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xmax)
+		SELECT u.id::text FROM unnest($1::uuid[], $2::bigint[]) AS u(id, xid) CROSS JOIN cur
+		WHERE (u.xid = 0 OR pg_visible_in_snapshot(` + widenXid("u.xid") + `, cur.snap))
+			AND NOT EXISTS (SELECT 1 FROM ` + r.tableIdent + ` o WHERE o.` + r.idCol + ` = u.id)`
+	return r.ids(ctx, "check deleted rows", q, ids, xids)
 }
 
 // filterPublished marks replayed items whose rows are already published as
@@ -595,16 +635,18 @@ func (r *Relay) rowGone(ctx context.Context, id string, xid uint32) (bool, error
 func (s *session) filterPublished(ctx context.Context, batch []*item) error {
 	ids := make([]string, 0, len(batch))
 	xids := make([]int64, 0, len(batch))
+	pos := make([]streamPos, 0, len(batch))
 	for _, it := range batch {
 		if !it.sweep && it.ev.ID != "" && !it.ev.Published {
 			ids = append(ids, it.ev.ID)
 			xids = append(xids, int64(it.xid))
+			pos = append(pos, it.pos)
 		}
 	}
 	if len(ids) == 0 {
 		return nil
 	}
-	published, gone, err := s.r.db.replayRows(ctx, ids, xids)
+	published, gone, err := s.r.db.replayRows(ctx, ids, xids, pos)
 	if err != nil {
 		return err
 	}

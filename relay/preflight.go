@@ -296,6 +296,16 @@ func (r *Relay) findStateTables(ctx context.Context) error {
 		return classifyPg(fmt.Errorf("find the relay's tables: %w", err))
 	}
 	r.stateSchemas = found
+	var hasThrough bool
+	err = r.opt.Pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_attribute
+		WHERE attrelid = $1::regclass AND attname = 'deleted_through' AND NOT attisdropped)`, r.stateTable(slotStateTable)).Scan(&hasThrough)
+	if err != nil {
+		return classifyPg(fmt.Errorf("check %s: %w", slotStateTable, err))
+	}
+	if !hasThrough {
+		return fmt.Errorf("%w: table %s has no deleted_through column, which the replay check reads: "+
+			"run `outbox-relay migrate` (migration 007)", ErrMisconfigured, slotStateTable)
+	}
 	return nil
 }
 

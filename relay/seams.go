@@ -57,20 +57,22 @@ type store interface {
 	// markRows sets published_at on (or, RELAY_ON_PUBLISHED=delete,
 	// deletes) the visible, unmarked rows of ids and returns the ids it
 	// reached.
-	markRows(ctx context.Context, ids []string) ([]string, error)
+	// through is the batch's last stream position (delete mode's deleted_through).
+	markRows(ctx context.Context, ids []string, through streamPos) ([]string, error)
 	// publishedRows returns the ids already marked, or recorded as
 	// confirmed for this slot.
 	publishedRows(ctx context.Context, ids []string) ([]string, error)
 	// replayRows sorts replayed ids (xids: their transactions) into done
 	// (as publishedRows, or deleted by RELAY_ON_PUBLISHED=delete) and gone
 	// (no longer in the table, unknown whether published).
-	replayRows(ctx context.Context, ids []string, xids []int64) (done, gone []string, err error)
-	// rowGone: the transaction xid (0 for a swept row) is visible and the
-	// row is not there: deleted before its mark.
-	rowGone(ctx context.Context, id string, xid uint32) (bool, error)
+	// pos are their stream positions, against delete mode's deleted_through.
+	replayRows(ctx context.Context, ids []string, xids []int64, pos []streamPos) (done, gone []string, err error)
+	// rowsGone returns the ids whose transaction (0 for a swept row) is
+	// visible and whose row is not there: deleted before its mark.
+	rowsGone(ctx context.Context, ids []string, xids []int64) ([]string, error)
 	// markOrRecord marks the visible rows of ids and records as confirmed
 	// those of recIDs (with their xids) whose transaction is not visible.
-	markOrRecord(ctx context.Context, ids, recIDs []string, xids []int64) (done []string, recorded int, err error)
+	markOrRecord(ctx context.Context, ids, recIDs []string, xids []int64, through streamPos) (done []string, recorded int, err error)
 	countRecorded(ctx context.Context) (int, error)
 	// completeRecorded marks the recorded rows now visible and deletes
 	// their records; gone are records of rows deleted.

@@ -21,7 +21,8 @@ import (
 // item is one event on its way through the pipeline.
 type item struct {
 	tx      *checkpoint.Tx
-	xid     uint32 // 0 for swept rows
+	xid     uint32    // 0 for swept rows
+	pos     streamPos // its place in the stream; zero for swept rows
 	sweep   bool
 	ev      decoder.Event
 	msg     sink.Message
@@ -30,6 +31,17 @@ type item struct {
 	fate    fate
 	dead    deadReason // with fateDeadLetter
 	bytes   int64      // event bytes acquired from the session's budget
+}
+
+// streamPos is an event's place in the stream: its transaction's commit
+// LSN and its number within the transaction, from 1.
+type streamPos struct {
+	lsn   pglogrepl.LSN
+	event int32
+}
+
+func (p streamPos) after(q streamPos) bool {
+	return p.lsn > q.lsn || (p.lsn == q.lsn && p.event > q.event)
 }
 
 // fate is what the pipeline does with an item. The publisher decides it
@@ -65,11 +77,15 @@ func newDeadReason(class, detail string) deadReason {
 
 // session is one connected run of the pipeline.
 type session struct {
-	r       *Relay
-	log     zerolog.Logger
-	conn    stream
-	pub     sink.Publisher
-	tracker *checkpoint.Tracker
+	r   *Relay
+	log zerolog.Logger
+	// deletedLogged and deletedSinceLog rate-limit the marker's warning
+	// about rows deleted before their mark (noteDeleted).
+	deletedLogged   time.Time
+	deletedSinceLog int
+	conn            stream
+	pub             sink.Publisher
+	tracker         *checkpoint.Tracker
 
 	items     chan *item
 	pending   chan *item
@@ -449,6 +465,7 @@ func (s *session) stream(st stops, sweep sweepCursor) error {
 	interval := s.r.cfg.StatusInterval
 	var tx *checkpoint.Tx
 	var xid uint32
+	var pos streamPos
 	var committed time.Time // of tx, until its first event is observed
 	nextStatus := time.Now().Add(interval)
 	s.lastHeard = time.Now()
@@ -535,6 +552,7 @@ func (s *session) stream(st stops, sweep sweepCursor) error {
 			// AdvanceIdle from moving past it on a keepalive mid-transaction.
 			// The tracker folds the empty ones away at Close.
 			tx, xid, committed = s.tracker.Begin(), m.Begin.Xid, m.Begin.CommitTime
+			pos = streamPos{lsn: m.Begin.FinalLSN}
 		case decoder.KindEvent:
 			// The decoder refuses an insert or commit outside a
 			// transaction, so tx is set here.
@@ -545,7 +563,8 @@ func (s *session) stream(st stops, sweep sweepCursor) error {
 				committed = time.Time{}
 			}
 			s.tracker.Add(tx)
-			it := &item{tx: tx, xid: xid, ev: m.Event}
+			pos.event++
+			it := &item{tx: tx, xid: xid, pos: pos, ev: m.Event}
 			if err := s.send(hard, it, &nextStatus); err != nil {
 				return err
 			}

@@ -230,20 +230,22 @@ type simWorld struct {
 	trace   strings.Builder
 	steps   int
 
-	lsn      pglogrepl.LSN
-	xid      uint32
-	seq      int64
-	txs      []*simTx // in commit order
-	rows     map[string]*simRow
-	slot     *simSlot
-	snaps    map[string]*simSnapshot
-	pending  bool // the slot's sweep is pending (outbox_relay_slot_state)
-	owner    *simLife
-	ownerCh  chan struct{}
-	queue    []simDelivery
-	nacked   map[string]bool // exempt from the order check
-	returned map[string]bool // returned at least once: RELAY_UNROUTABLE=drop may drop it
-	attempts map[string]int
+	lsn pglogrepl.LSN
+	// deletedThrough is outbox_relay_slot_state.deleted_through.
+	deletedThrough streamPos
+	xid            uint32
+	seq            int64
+	txs            []*simTx // in commit order
+	rows           map[string]*simRow
+	slot           *simSlot
+	snaps          map[string]*simSnapshot
+	pending        bool // the slot's sweep is pending (outbox_relay_slot_state)
+	owner          *simLife
+	ownerCh        chan struct{}
+	queue          []simDelivery
+	nacked         map[string]bool // exempt from the order check
+	returned       map[string]bool // returned at least once: RELAY_UNROUTABLE=drop may drop it
+	attempts       map[string]int
 
 	// fault state
 	storeDownUntil  time.Time
@@ -1096,7 +1098,7 @@ func (c *simCursor) close() {}
 
 func ptr(s string) *string { return &s }
 
-func (s *simStore) markRows(ctx context.Context, ids []string) ([]string, error) {
+func (s *simStore) markRows(ctx context.Context, ids []string, through streamPos) ([]string, error) {
 	if err := s.enter(ctx, "mark rows published"); err != nil {
 		return nil, err
 	}
@@ -1111,6 +1113,11 @@ func (s *simStore) markRows(ctx context.Context, ids []string) ([]string, error)
 		row.published = true
 		row.removed = s.w.cfg.OnPublished == config.OnPublishedDelete
 		out = append(out, id)
+	}
+	if s.w.cfg.OnPublished == config.OnPublishedDelete {
+		if through.lsn != 0 && through.after(s.w.deletedThrough) {
+			s.w.deletedThrough = through // in the same statement
+		}
 	}
 	s.w.step("relay%d.%d marks %d of %d rows (%s)", s.l.relay, s.l.gen, len(out), len(ids), s.w.cfg.OnPublished)
 	if s.w.lostReply {
@@ -1137,7 +1144,7 @@ func (s *simStore) publishedRows(ctx context.Context, ids []string) ([]string, e
 	return out, nil
 }
 
-func (s *simStore) replayRows(ctx context.Context, ids []string, xids []int64) (done, gone []string, err error) {
+func (s *simStore) replayRows(ctx context.Context, ids []string, xids []int64, pos []streamPos) (done, gone []string, err error) {
 	if err := s.enter(ctx, "read replayed rows"); err != nil {
 		return nil, nil, err
 	}
@@ -1148,10 +1155,12 @@ func (s *simStore) replayRows(ctx context.Context, ids []string, xids []int64) (
 		switch row := s.w.rows[id]; {
 		case deleting && (row == nil || row.deleted || row.removed):
 			// As the real query: a missing row of a visible transaction
-			// is done, one of an invisible transaction is neither.
+			// committed by deleted_through is done; one of an invisible
+			// transaction, or after deleted_through, is neither.
 			switch {
 			case xids[i] == 0:
 				gone = append(gone, id)
+			case pos[i].after(s.w.deletedThrough):
 			case row == nil || !now.Before(row.tx.visibleAt):
 				done = append(done, id)
 			}
@@ -1164,22 +1173,26 @@ func (s *simStore) replayRows(ctx context.Context, ids []string, xids []int64) (
 	return done, gone, nil
 }
 
-func (s *simStore) rowGone(ctx context.Context, id string, xid uint32) (bool, error) {
-	if err := s.enter(ctx, "check row exists"); err != nil {
-		return false, err
+func (s *simStore) rowsGone(ctx context.Context, ids []string, xids []int64) ([]string, error) {
+	if err := s.enter(ctx, "check deleted rows"); err != nil {
+		return nil, err
 	}
 	defer s.leave()
-	row := s.w.rows[id]
-	if row == nil {
-		return true, nil
+	var gone []string
+	for i, id := range ids {
+		row := s.w.rows[id]
+		switch {
+		case row == nil:
+			gone = append(gone, id)
+		case xids[i] != 0 && time.Now().Before(row.tx.visibleAt):
+		case row.deleted || row.removed:
+			gone = append(gone, id)
+		}
 	}
-	if xid != 0 && time.Now().Before(row.tx.visibleAt) {
-		return false, nil
-	}
-	return row.deleted || row.removed, nil
+	return gone, nil
 }
 
-func (s *simStore) markOrRecord(context.Context, []string, []string, []int64) ([]string, int, error) {
+func (s *simStore) markOrRecord(context.Context, []string, []string, []int64, streamPos) ([]string, int, error) {
 	return nil, 0, errors.New("sim: the relay is never a synchronous standby here")
 }
 

@@ -439,6 +439,12 @@ func replaySkipsRecordedRows(t *testing.T, mode string) {
 	_, err = e.pool.Exec(ctx, `INSERT INTO outbox_relay_confirmed (slot_name, id, xid)
 		SELECT $1, id, xmin::text::xid8 FROM outbox_events WHERE id = ANY($2::uuid[])`, e.cfg.Slot, ids)
 	must(t, err)
+	if mode == config.OnPublishedDelete {
+		// The previous relay moved deleted_through with its records.
+		_, err = e.pool.Exec(ctx, `INSERT INTO outbox_relay_slot_state (slot_name, sweep_pending, deleted_through)
+			VALUES ($1, false, pg_current_wal_lsn())`, e.cfg.Slot)
+		must(t, err)
+	}
 	end := e.currentLSN()
 
 	r := e.start(nil)
