@@ -13,6 +13,7 @@ import (
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
+	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 )
 
@@ -392,7 +393,7 @@ func TestRabbitMQFrameMaxBoundary(t *testing.T) {
 	for _, extra := range []int{0, 1} {
 		m := testMessage("00000000-0000-4000-8000-000000000001", "order.created", `{}`)
 		m.AggregateType = ""
-		pub := publishing(m)
+		pub := r.publishing(m)
 		m.AggregateType = strings.Repeat("a", limit-headerFrameSize(&pub)+extra)
 		reason := r.Reject(m)
 		if extra == 1 {
@@ -420,18 +421,34 @@ func TestRabbitMQFrameMaxBoundary(t *testing.T) {
 }
 
 // TestMessageHeaderFrameSizeMatchesThePublishing: Reject's shortcut counts
-// what publishing builds, for any lengths and timestamps.
+// what publishing builds, for any lengths and timestamps, header columns
+// (a reserved or repeated name is not sent, so not counted), trace headers,
+// tombstones, with CloudEvents on and off.
 func TestMessageHeaderFrameSizeMatchesThePublishing(t *testing.T) {
-	for _, m := range []*Message{
-		{},
-		testMessage("00000000-0000-4000-8000-000000000001", "order.created", `{}`),
-		{ID: "x", Type: strings.Repeat("t", 300), AggregateType: "日本", AggregateID: "",
-			OccurredAt: time.Date(2024, 1, 2, 3, 4, 5, 0, time.UTC)},
-		{Type: "a", OccurredAt: time.Date(1, 1, 1, 0, 0, 0, 1, time.FixedZone("y", -7200))},
-	} {
-		pub := publishing(m)
-		if got, want := messageHeaderFrameSize(m), headerFrameSize(&pub); got != want {
-			t.Errorf("%+v: messageHeaderFrameSize = %d, headerFrameSize(publishing) = %d", m, got, want)
+	withAll := testMessage("00000000-0000-4000-8000-000000000001", "order.created", `{}`)
+	withAll.Headers = []decoder.Header{{Name: "tenant", Value: "acme"}, {Name: "note", Value: "a\nb 日本"},
+		{Name: "empty", Value: ""}, {Name: "tenant", Value: "again"}, {Name: "tombstone", Value: "reserved"},
+		{Name: "cloudEvents_id", Value: "reserved"}, {Name: "big", Value: strings.Repeat("x", 70000)}}
+	withAll.Traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+	withAll.Tracestate = "congo=t61rcWkgMzE"
+	tomb := testMessage("00000000-0000-4000-8000-000000000002", "order.deleted", "")
+	tomb.Tombstone, tomb.Body = true, nil
+	tomb.AggregateID = ""
+	for _, ce := range []bool{false, true} {
+		r := &RabbitMQ{cfg: RabbitMQConfig{CloudEvents: ce, CloudEventsSource: "outbox-relay:db/public.outbox"}}
+		for _, m := range []*Message{
+			{},
+			testMessage("00000000-0000-4000-8000-000000000001", "order.created", `{}`),
+			{ID: "x", Type: strings.Repeat("t", 300), AggregateType: "日本", AggregateID: "",
+				OccurredAt: time.Date(2024, 1, 2, 3, 4, 5, 0, time.UTC)},
+			{Type: "a", OccurredAt: time.Date(1, 1, 1, 0, 0, 0, 1, time.FixedZone("y", -7200))},
+			withAll, tomb,
+			{Tracestate: "a=b", Headers: []decoder.Header{{Name: "only", Value: "v"}}},
+		} {
+			pub := r.publishing(m)
+			if got, want := r.messageHeaderFrameSize(m), headerFrameSize(&pub); got != want {
+				t.Errorf("CloudEvents %v, %.200v: messageHeaderFrameSize = %d, headerFrameSize(publishing) = %d", ce, m, got, want)
+			}
 		}
 	}
 }
