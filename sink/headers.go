@@ -39,7 +39,8 @@ next:
 }
 
 // columnNames lists m's header columns for a reason, with their sizes,
-// the largest first, at most max of them.
+// the largest first: at most max of them, after their count when there
+// are more.
 func columnNames(m *Message, sizes func(h decoder.Header) int, max int) string {
 	type col struct {
 		name string
@@ -56,6 +57,10 @@ func columnNames(m *Message, sizes func(h decoder.Header) int, max int) string {
 		}
 	}
 	var b strings.Builder
+	if len(cols) > max {
+		b.WriteString(strconv.Itoa(len(cols)))
+		b.WriteString(" columns, the largest: ")
+	}
 	for i, c := range cols {
 		if i == max {
 			b.WriteString(", …")

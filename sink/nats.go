@@ -596,9 +596,10 @@ const (
 	// natsHeaderCut lists the headers whose values were cut so that the
 	// message fits the size limit.
 	natsHeaderCut = "Outbox-Cut"
-	// natsHeaderDropped lists the header columns and trace headers left
+	// natsHeaderDropped lists the trace headers and header columns left
 	// out because even cut the headers do not fit (very many header
-	// columns).
+	// columns): then all of them are left out, and the list itself may be
+	// cut.
 	natsHeaderDropped = "Outbox-Dropped"
 )
 
@@ -640,7 +641,6 @@ func (n *NATS) deadLetterMessage(m *Message, reason string) *nats.Msg {
 	drop(headerTraceparent)
 	drop(headerTracestate)
 	eachColumn(m, natsReserved, strings.EqualFold, func(c decoder.Header) { drop(c.Name) })
-	sort.Strings(dropped)
 	whole[natsHeaderDropped] = []string{strings.Join(dropped, ",")}
 	n.fit(msg)
 	return msg

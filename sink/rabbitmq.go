@@ -447,9 +447,10 @@ const (
 	// amqpHeaderCut lists the headers whose values were cut so that the
 	// content header fits in one frame.
 	amqpHeaderCut = "x-outbox-cut"
-	// amqpHeaderDropped lists the header columns and trace headers left
+	// amqpHeaderDropped lists the trace headers and header columns left
 	// out because even cut they do not fit in one frame (very many header
-	// columns, or a small frame_max).
+	// columns, or a small frame_max): then all of them are left out, and
+	// the list itself may be cut.
 	amqpHeaderDropped = "x-outbox-dropped"
 )
 
@@ -500,7 +501,6 @@ func (r *RabbitMQ) deadLetterPublishing(m *Message, reason string) amqp.Publishi
 	drop(headerTraceparent)
 	drop(headerTracestate)
 	eachColumn(m, amqpReserved, sameAMQPName, func(c decoder.Header) { drop(c.Name) })
-	sort.Strings(dropped)
 	whole[amqpHeaderDropped] = strings.Join(dropped, ",")
 	r.fit(&pub)
 	return pub
