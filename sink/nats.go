@@ -116,6 +116,9 @@ func DialNATS(ctx context.Context, cfg NATSConfig) (*NATS, error) {
 	if cfg.Stream == "" || len(cfg.StreamSubjects) == 0 || cfg.DeadLetterStream == "" || cfg.DeadLetterSubject == "" {
 		return nil, errors.New("NATS: Stream, StreamSubjects, DeadLetterStream and DeadLetterSubject are required")
 	}
+	if cfg.CloudEvents && cfg.CloudEventsSource == "" {
+		return nil, errors.New("NATS: CloudEvents needs a CloudEventsSource")
+	}
 	n := &NATS{cfg: cfg, closed: make(chan struct{})}
 	n.interrupts = newInterrupter(n.interrupt)
 	nc, err := nats.Connect(cfg.URL,

@@ -73,6 +73,9 @@ func DialRabbitMQ(ctx context.Context, cfg RabbitMQConfig) (*RabbitMQ, error) {
 	if cfg.ConnectionName == "" {
 		cfg.ConnectionName = "outbox-relay"
 	}
+	if cfg.CloudEvents && cfg.CloudEventsSource == "" {
+		return nil, errors.New("RabbitMQ: CloudEvents needs a CloudEventsSource")
+	}
 	props := amqp.NewConnectionProperties()
 	props.SetClientConnectionName(cfg.ConnectionName)
 	conn, wire, err := dial(ctx, cfg, props)
