@@ -28,7 +28,7 @@ func ceMessages(key string) []*Message {
 	full.Traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 	full.Tracestate = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
 	full.Headers = []decoder.Header{{Name: "tenant", Value: "acme"}, {Name: "note", Value: "café 100% \"ok\""},
-		{Name: "empty", Value: ""}}
+		{Name: "empty", Value: ""}, {Name: "ref$1", Value: "x"}}
 
 	bare := testMessage("00000000-0000-4000-8000-0000000000c2", key, `[1,2]`)
 	bare.Type = "order paid, 100% \"real\" ✓"
