@@ -28,6 +28,10 @@
 //     a header, header values are cut until the content header fits
 //     frame_max, and a payload over the limit is left out; headers
 //     (x-outbox-moved, x-outbox-cut, x-outbox-payload-omitted) say so.
+//     Header columns, trace headers and CloudEvents attributes count
+//     towards frame_max exactly (messageHeaderFrameSize); when they do not
+//     fit even cut, the copy leaves out every header column and trace
+//     header (x-outbox-dropped).
 //   - A broker that blocks publishers (connection.blocked, a resource
 //     alarm) stops reading the socket, and amqp091 then blocks in its write
 //     whatever the context says. When the context of Publish, DeadLetter or
@@ -62,7 +66,11 @@
 //     JetStream's 64 KiB, and header values nats.go would alter (CR, LF and
 //     other control characters, white space at the ends). The dead-letter
 //     copy quotes such values and cuts the longest ones until it fits
-//     (Outbox-Quoted, Outbox-Cut), so it is never refused.
+//     (Outbox-Quoted, Outbox-Cut), or leaves out the header columns and
+//     trace headers when even cut they do not fit (Outbox-Dropped), so it
+//     is never refused. Header columns are checked like the contract's
+//     headers; CloudEvents values are percent-encoded, so they never hold
+//     what a header cannot carry.
 //   - A cancelled Publish or DeadLetter cuts off a write blocked on a server
 //     that stopped reading, and Close closes the socket after a second.
 package sink

@@ -20,7 +20,7 @@ func NewAMQPModel(cfg RabbitMQConfig) AMQPModel { return AMQPModel{r: &RabbitMQ{
 func (m AMQPModel) Reject(msg *Message) string { return m.r.Reject(msg) }
 
 // Publishing is what RabbitMQ.Publish sends for msg.
-func (m AMQPModel) Publishing(msg *Message) amqp.Publishing { return publishing(msg) }
+func (m AMQPModel) Publishing(msg *Message) amqp.Publishing { return m.r.publishing(msg) }
 
 // DeadLetter is what RabbitMQ.DeadLetter sends for msg.
 func (m AMQPModel) DeadLetter(msg *Message, reason string) amqp.Publishing {

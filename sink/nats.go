@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/textproto"
 	"sort"
@@ -15,6 +16,8 @@ import (
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/outbox-relay/outbox-relay/decoder"
 )
 
 // NATSConfig configures the NATS JetStream publisher. The subject of each
@@ -42,6 +45,11 @@ type NATSConfig struct {
 	// AckTimeout bounds the wait for one ack; 0 means 30 seconds.
 	AckTimeout     time.Duration
 	ConnectionName string
+	// CloudEvents adds the CloudEvents attributes as ce- headers (the NATS
+	// binding's binary content mode).
+	CloudEvents bool
+	// CloudEventsSource is the CloudEvents source attribute.
+	CloudEventsSource string
 }
 
 // NATS publishes to JetStream with asynchronous publish acks.
@@ -107,6 +115,9 @@ func DialNATS(ctx context.Context, cfg NATSConfig) (*NATS, error) {
 	}
 	if cfg.Stream == "" || len(cfg.StreamSubjects) == 0 || cfg.DeadLetterStream == "" || cfg.DeadLetterSubject == "" {
 		return nil, errors.New("NATS: Stream, StreamSubjects, DeadLetterStream and DeadLetterSubject are required")
+	}
+	if cfg.CloudEvents && cfg.CloudEventsSource == "" {
+		return nil, errors.New("NATS: CloudEvents needs a CloudEventsSource")
 	}
 	n := &NATS{cfg: cfg, closed: make(chan struct{})}
 	n.interrupts = newInterrupter(n.interrupt)
@@ -281,19 +292,92 @@ func ValidSubject(s string) string {
 	return ""
 }
 
-func natsMessage(subject string, m *Message) *nats.Msg {
-	return &nats.Msg{
-		Subject: subject,
-		Header: nats.Header{
-			jetstream.MsgIDHeader:   {m.ID},
-			natsHeaderType:          {m.Type},
-			natsHeaderContentType:   {"application/json"},
-			natsHeaderAggregateType: {m.AggregateType},
-			natsHeaderAggregateID:   {m.AggregateID},
-			natsHeaderOccurredAt:    {m.OccurredAt.UTC().Format(time.RFC3339Nano)},
-		},
-		Data: m.Body,
+// natsCEPrefix prefixes the CloudEvents attributes in the NATS binding's
+// binary content mode, datacontenttype included (ce-datacontenttype).
+const natsCEPrefix = "ce-"
+
+// natsReserved reports a header name the sink sets itself (NATS header
+// names compare case-insensitively); a header column of that name is not
+// sent (config refuses such columns).
+func natsReserved(name string) bool {
+	for _, r := range []string{jetstream.MsgIDHeader, natsHeaderType, natsHeaderContentType, natsHeaderAggregateType,
+		natsHeaderAggregateID, natsHeaderOccurredAt, headerTraceparent, headerTracestate, headerTombstone} {
+		if strings.EqualFold(name, r) {
+			return true
+		}
 	}
+	l := strings.ToLower(name)
+	return strings.HasPrefix(l, natsCEPrefix) || strings.HasPrefix(l, "outbox-")
+}
+
+// natsMessage is the message the sink publishes for m to subject: the
+// contract's headers, m's header columns under their names, traceparent
+// and tracestate when set, tombstone: true (and no Content-Type) for a
+// tombstone, and with CloudEvents the ce- attributes.
+func (n *NATS) natsMessage(subject string, m *Message) *nats.Msg {
+	occurred := m.OccurredAt.UTC().Format(time.RFC3339Nano)
+	h := nats.Header{
+		jetstream.MsgIDHeader:   {m.ID},
+		natsHeaderType:          {m.Type},
+		natsHeaderAggregateType: {m.AggregateType},
+		natsHeaderAggregateID:   {m.AggregateID},
+		natsHeaderOccurredAt:    {occurred},
+	}
+	eachColumn(m, natsReserved, strings.EqualFold, func(c decoder.Header) { h[c.Name] = []string{c.Value} })
+	if m.Traceparent != "" {
+		h[headerTraceparent] = []string{m.Traceparent}
+	}
+	if m.Tracestate != "" {
+		h[headerTracestate] = []string{m.Tracestate}
+	}
+	if m.Tombstone {
+		h[headerTombstone] = []string{"true"}
+	} else {
+		h[natsHeaderContentType] = []string{amqpContentType}
+	}
+	if n.cfg.CloudEvents {
+		// Values percent-encoded, as the binding requires: they then never
+		// hold what a NATS header cannot carry.
+		ce := func(attr, v string) { h[natsCEPrefix+attr] = []string{cePercentEncode(v)} }
+		ce("specversion", ceSpecVersion)
+		ce("id", m.ID)
+		ce("type", m.Type)
+		ce("source", n.cfg.CloudEventsSource)
+		if m.AggregateID != "" {
+			ce("subject", m.AggregateID)
+		}
+		if !m.OccurredAt.IsZero() {
+			ce("time", occurred)
+		}
+		if !m.Tombstone {
+			ce("datacontenttype", amqpContentType)
+		}
+	}
+	return &nats.Msg{Subject: subject, Header: h, Data: m.Body}
+}
+
+// cePercentEncode encodes v as the CloudEvents NATS binding says: space,
+// double quote, percent and every byte outside printable ASCII as %XY.
+func cePercentEncode(v string) string {
+	const hex = "0123456789ABCDEF"
+	plain := func(c byte) bool { return c > ' ' && c < 0x7f && c != '"' && c != '%' }
+	i := 0
+	for i < len(v) && plain(v[i]) {
+		i++
+	}
+	if i == len(v) {
+		return v
+	}
+	b := make([]byte, i, len(v)+16)
+	copy(b, v[:i])
+	for ; i < len(v); i++ {
+		if c := v[i]; plain(c) {
+			b = append(b, c)
+		} else {
+			b = append(b, '%', hex[c>>4], hex[c&15])
+		}
+	}
+	return string(b)
 }
 
 // Reject implements Publisher: invalid subjects, header values that NATS
@@ -304,15 +388,35 @@ func (n *NATS) Reject(m *Message) string {
 	if reason := ValidSubject(m.Key); reason != "" {
 		return reason
 	}
-	msg := natsMessage(m.Key, m)
+	msg := n.natsMessage(m.Key, m)
 	for _, k := range natsMessageHeaders {
 		if why := headerValueProblem(msg.Header.Get(k)); why != "" {
 			return fmt.Sprintf("header %s (%s) %s; NATS headers cannot carry it as it is", k, natsHeaderSource[k], why)
 		}
 	}
+	var bad string
+	eachColumn(m, natsReserved, strings.EqualFold, func(c decoder.Header) {
+		if why := headerValueProblem(c.Value); why != "" && bad == "" {
+			bad = fmt.Sprintf("header column %s %s; NATS headers cannot carry it as it is", c.Name, why)
+		}
+	})
+	if bad != "" {
+		return bad
+	}
+	for _, k := range []string{headerTraceparent, headerTracestate} {
+		if why := headerValueProblem(msg.Header.Get(k)); why != "" {
+			return fmt.Sprintf("header %s (the trace context) %s; NATS headers cannot carry it as it is", k, why)
+		}
+	}
 	if size := headerSize(msg.Header); size > maxHeaderBytes {
-		return fmt.Sprintf("headers are %d bytes (id, aggregate_type, aggregate_id, event_type); JetStream allows at most %d",
-			size, maxHeaderBytes)
+		what := "id, aggregate_type, aggregate_id, event_type"
+		if len(m.Headers) > 0 {
+			what += "; header columns (bytes): " + columnNames(m, func(h decoder.Header) int { return len(h.Value) }, 10)
+		}
+		if m.Traceparent != "" || m.Tracestate != "" {
+			what += "; traceparent, tracestate"
+		}
+		return fmt.Sprintf("headers are %d bytes (%s); JetStream allows at most %d", size, what, maxHeaderBytes)
 	}
 	if size := msg.Size() - len(msg.Subject); size > n.maxPayload {
 		// Not kept: a rejected message is dead-lettered, never published,
@@ -356,6 +460,9 @@ func headerValueProblem(v string) string {
 	if textproto.TrimString(v) != v {
 		return "has leading or trailing white space"
 	}
+	if strings.ContainsAny(v, "\r\n") {
+		return "contains a line break (CR or LF, which nats.go would replace with a space)"
+	}
 	for i := 0; i < len(v); i++ {
 		if c := v[i]; c < 0x20 && c != '\t' || c == 0x7f {
 			return fmt.Sprintf("contains the control character %q", c)
@@ -380,7 +487,7 @@ func (n *NATS) Publish(ctx context.Context, m *Message) (Pending, error) {
 	}
 	msg := n.measured.msg
 	if n.measured.for_ != m || msg == nil || msg.Subject != m.Key {
-		msg = natsMessage(m.Key, m)
+		msg = n.natsMessage(m.Key, m)
 	}
 	// A republish builds afresh: the library keeps the one it was given.
 	n.measured.for_, n.measured.msg = nil, nil
@@ -492,14 +599,21 @@ const (
 	// natsHeaderCut lists the headers whose values were cut so that the
 	// message fits the size limit.
 	natsHeaderCut = "Outbox-Cut"
+	// natsHeaderDropped lists the trace headers and header columns left
+	// out because even cut the headers do not fit (very many header
+	// columns): then all of them are left out, and the list itself may be
+	// cut.
+	natsHeaderDropped = "Outbox-Dropped"
 )
 
 // deadLetterMessage is the dead-letter copy of m: header values NATS cannot
 // carry are quoted, the payload is left out when the message is over the
 // size limit, and then the longest header values are cut (at a UTF-8
-// boundary) until it fits; headers say which of these happened.
+// boundary) until it fits; when the headers do not fit even cut, the header
+// columns and trace headers are left out. Headers say which of these
+// happened.
 func (n *NATS) deadLetterMessage(m *Message, reason string) *nats.Msg {
-	msg := natsMessage(n.cfg.DeadLetterSubject, m)
+	msg := n.natsMessage(n.cfg.DeadLetterSubject, m)
 	msg.Header[natsHeaderReason] = []string{reason}
 	msg.Header[natsHeaderSubject] = []string{m.Key}
 	var quoted []string
@@ -513,6 +627,33 @@ func (n *NATS) deadLetterMessage(m *Message, reason string) *nats.Msg {
 		sort.Strings(quoted)
 		msg.Header[natsHeaderQuoted] = []string{strings.Join(quoted, ",")}
 	}
+	whole := maps.Clone(msg.Header)
+	if n.fit(msg) {
+		return msg
+	}
+	// Too many headers to fit even cut, or too many cut to list: leave out
+	// the header columns and the trace headers, and cut the rest.
+	msg.Header, msg.Data = whole, m.Body
+	var dropped []string
+	drop := func(k string) {
+		if _, ok := whole[k]; ok {
+			delete(whole, k)
+			dropped = append(dropped, k)
+		}
+	}
+	drop(headerTraceparent)
+	drop(headerTracestate)
+	eachColumn(m, natsReserved, strings.EqualFold, func(c decoder.Header) { drop(c.Name) })
+	whole[natsHeaderDropped] = []string{strings.Join(dropped, ",")}
+	n.fit(msg)
+	return msg
+}
+
+// fit makes msg fit the size limits, with room for the headers that say
+// what it did: it leaves out the payload when the message is over the size
+// limit, then cuts the longest header values; it reports whether the
+// result fits.
+func (n *NATS) fit(msg *nats.Msg) bool {
 	// Room for the Outbox-Cut and Outbox-Payload-Omitted headers.
 	limit := n.maxPayload - 256
 	if msg.Size()-len(msg.Subject) > limit {
@@ -532,7 +673,7 @@ func (n *NATS) deadLetterMessage(m *Message, reason string) *nats.Msg {
 			}
 		}
 		if l <= 0 {
-			break // nothing left to cut; cannot happen with the relay's headers
+			break // nothing left to cut: the caller drops headers
 		}
 		// Cutting may expose trailing white space, which nats.go would trim.
 		v := strings.TrimRight(cutUTF8(msg.Header[longest][0], max(0, l-excess)), " \t")
@@ -547,7 +688,7 @@ func (n *NATS) deadLetterMessage(m *Message, reason string) *nats.Msg {
 		sort.Strings(names)
 		msg.Header[natsHeaderCut] = []string{strings.Join(names, ",")}
 	}
-	return msg
+	return msg.Size()-len(msg.Subject) <= n.maxPayload && headerSize(msg.Header) <= maxHeaderBytes
 }
 
 // Close implements Publisher.

@@ -13,6 +13,7 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
+	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 )
 
@@ -498,5 +499,134 @@ func TestNATSReturnsWhileTheServerStopsReading(t *testing.T) {
 			}
 			within(t, 10*time.Second, "Close", func() { _ = n.Close() })
 		})
+	}
+}
+
+// TestNATSHeaderColumnsRejectAndDeadLetter (invariant 8): header columns
+// and trace headers that NATS cannot carry as they are (a line break,
+// which nats.go would turn into a space, other control characters, white
+// space at the ends) are rejected with a reason naming the column; headers
+// just under, at and over JetStream's 64 KiB are published or rejected;
+// and the dead-letter copy of every one is stored, the offending value
+// quoted and the long ones cut. With thousands of header columns the copy
+// leaves them out and lists them in Outbox-Dropped. The connection stays up
+// throughout.
+func TestNATSHeaderColumnsRejectAndDeadLetter(t *testing.T) {
+	nt := newNATSTest(t)
+	nt.cfg.CloudEvents, nt.cfg.CloudEventsSource = true, "outbox-relay:test/public.outbox"
+	n := nt.dial(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	dead, err := nt.js.Stream(ctx, nt.cfg.DeadLetterStream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	events, err := nt.js.Stream(ctx, nt.cfg.Stream)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seq := 0
+	base := func() *Message {
+		seq++
+		m := testMessage(fmt.Sprintf("00000000-0000-4000-8000-%012d", seq), nt.prefix+".order.created", `{"n":1}`)
+		m.Traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+		m.Headers = []decoder.Header{{Name: "tenant", Value: "acme"}, {Name: "note", Value: "ok"}}
+		return m
+	}
+	check := func(desc string, m *Message, wantReason string) {
+		t.Helper()
+		rej := n.Reject(m)
+		if wantReason == "" && rej != "" || wantReason != "" && !strings.Contains(rej, wantReason) {
+			t.Fatalf("%s: Reject = %q, want %q", desc, rej, wantReason)
+		}
+		if rej == "" {
+			p, err := n.Publish(ctx, m)
+			if err != nil {
+				t.Fatalf("%s: %v", desc, err)
+			}
+			if res := waitResult(t, p); res.Outcome != Acked {
+				t.Fatalf("%s: accepted but not acked: %+v", desc, res)
+			}
+			got, err := events.GetLastMsgForSubject(ctx, m.Key)
+			if err != nil {
+				t.Fatalf("%s: %v", desc, err)
+			}
+			for _, h := range m.Headers {
+				if got.Header.Get(h.Name) != h.Value {
+					t.Fatalf("%s: header column %s stored as %.40q", desc, h.Name, got.Header.Get(h.Name))
+				}
+			}
+		}
+		if err := n.DeadLetter(ctx, m, "rejected["+rej+"]"); err != nil {
+			t.Fatalf("%s: dead-letter copy refused: %v", desc, err)
+		}
+		d, err := dead.GetLastMsgForSubject(ctx, nt.cfg.DeadLetterSubject)
+		if err != nil {
+			t.Fatalf("%s: %v", desc, err)
+		}
+		h := d.Header
+		if h.Get(jetstream.MsgIDHeader) != m.ID || !strings.HasPrefix(h.Get(natsHeaderReason), "rejected[") {
+			t.Fatalf("%s: dead letter of another message, or without its reason: %v", desc, h.Get(natsHeaderReason))
+		}
+		quoted, cut := listed(h.Get(natsHeaderQuoted)), listed(h.Get(natsHeaderCut))
+		dropped := h.Get(natsHeaderDropped) != "" // then every column and trace header is left out
+		for _, c := range append(m.Headers, decoder.Header{Name: "traceparent", Value: m.Traceparent}) {
+			got, present := h.Get(c.Name), len(h.Values(c.Name)) > 0
+			switch {
+			case dropped:
+				if present {
+					t.Fatalf("%s: column %s present although the copy says it dropped them", desc, c.Name)
+				}
+				continue
+			case cut[c.Name]:
+				continue
+			case quoted[c.Name]:
+				if got, err = strconv.Unquote(got); err != nil {
+					t.Fatalf("%s: column %s listed as quoted: %v", desc, c.Name, err)
+				}
+			}
+			if got != c.Value {
+				t.Fatalf("%s: dead-letter column %s differs without saying so", desc, c.Name)
+			}
+		}
+		if n.nc.IsClosed() {
+			t.Fatalf("%s: the connection closed", desc)
+		}
+	}
+	for _, v := range []string{"a\nb", "a\r\nNats-Msg-Id: forged", "line\r", "nul\x00", "bell\x07", " lead", "trail\t"} {
+		m := base()
+		m.Headers[1].Value = v
+		check(fmt.Sprintf("note %q", v), m, "header column note")
+	}
+	m := base()
+	m.Tracestate = "congo=t61rcWkgMzE "
+	check("tracestate with trailing space", m, "header tracestate")
+	m = base()
+	m.Headers[1].Value = "tab\tinside, é, \"quotes\""
+	check("note with a tab inside", m, "")
+
+	// Headers just under, at and over JetStream's limit.
+	room := maxHeaderBytes - headerSize(n.natsMessage(nt.prefix+".x", base()).Header) + len("ok")
+	for _, delta := range []int{-2, -1, 0, 1, 2, 100000} {
+		m := base()
+		m.Headers[1].Value = strings.Repeat("n", room+delta)
+		want := ""
+		if delta > 0 {
+			want = "note"
+		}
+		check(fmt.Sprintf("headers at the limit%+d", delta), m, want)
+	}
+	// More columns than fit even empty: the copy drops them.
+	m = base()
+	for i := 0; len(m.Headers) < 2000; i++ {
+		m.Headers = append(m.Headers, decoder.Header{Name: fmt.Sprintf("c%061d", i), Value: "v"})
+	}
+	check("2000 header columns", m, "2000 columns")
+	d, err := dead.GetLastMsgForSubject(ctx, nt.cfg.DeadLetterSubject)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := d.Header.Get(natsHeaderDropped); !strings.HasPrefix(got, "traceparent,tenant,note,c000") {
+		t.Fatalf("2000 header columns: Outbox-Dropped %.100q", got)
 	}
 }

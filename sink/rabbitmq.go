@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"sort"
 	"strings"
@@ -14,6 +15,8 @@ import (
 	"unicode/utf8"
 
 	amqp "github.com/rabbitmq/amqp091-go"
+
+	"github.com/outbox-relay/outbox-relay/decoder"
 )
 
 // RabbitMQConfig configures the RabbitMQ publisher.
@@ -30,6 +33,12 @@ type RabbitMQConfig struct {
 	// wait until it clears), and an unblock when a blocked connection
 	// closes; may be nil. It is called from one goroutine per connection.
 	OnBlocked func(blocked bool, reason string)
+	// CloudEvents adds the CloudEvents attributes as headers, in the AMQP
+	// binding's binary content mode (cloudEvents_ application properties;
+	// datacontenttype is the content_type property).
+	CloudEvents bool
+	// CloudEventsSource is the CloudEvents source attribute.
+	CloudEventsSource string
 }
 
 // RabbitMQ publishes with confirms on one channel.
@@ -63,6 +72,9 @@ func DialRabbitMQ(ctx context.Context, cfg RabbitMQConfig) (*RabbitMQ, error) {
 	}
 	if cfg.ConnectionName == "" {
 		cfg.ConnectionName = "outbox-relay"
+	}
+	if cfg.CloudEvents && cfg.CloudEventsSource == "" {
+		return nil, errors.New("RabbitMQ: CloudEvents needs a CloudEventsSource")
 	}
 	props := amqp.NewConnectionProperties()
 	props.SetClientConnectionName(cfg.ConnectionName)
@@ -233,9 +245,16 @@ func (r *RabbitMQ) Reject(m *Message) string {
 	if r.cfg.MaxMessageBytes > 0 && len(m.Body) > r.cfg.MaxMessageBytes {
 		return fmt.Sprintf("payload is %d bytes; RELAY_MAX_MESSAGE_BYTES is %d", len(m.Body), r.cfg.MaxMessageBytes)
 	}
-	if size, limit := messageHeaderFrameSize(m), r.frameMax(); size > limit {
-		return fmt.Sprintf("message properties and headers (aggregate_type, aggregate_id, event_type) are %d bytes; "+
-			"the connection's frame_max allows %d", size, limit)
+	if size, limit := r.messageHeaderFrameSize(m), r.frameMax(); size > limit {
+		what := "aggregate_type, aggregate_id, event_type"
+		if len(m.Headers) > 0 {
+			what += "; header columns (bytes): " + columnNames(m, func(h decoder.Header) int { return len(h.Value) }, 10)
+		}
+		if m.Traceparent != "" || m.Tracestate != "" {
+			what += "; traceparent, tracestate"
+		}
+		return fmt.Sprintf("message properties and headers (%s) are %d bytes; "+
+			"the connection's frame_max allows %d", what, size, limit)
 	}
 	return ""
 }
@@ -251,14 +270,66 @@ func (r *RabbitMQ) frameMax() int {
 	return 131072 // RabbitMQ's default
 }
 
-func publishing(m *Message) amqp.Publishing {
+// CloudEvents attributes in the AMQP binding (binary content mode): each an
+// application property (a header) named with this prefix. The spec allows
+// "cloudEvents_" and "cloudEvents:" and prefers "_" (JMS selectors).
+const amqpCEPrefix = "cloudEvents_"
+
+// amqpContentType is the content_type property of a message with a
+// payload, and CloudEvents' datacontenttype. A tombstone has no payload,
+// so it has no content_type (and no datacontenttype).
+const amqpContentType = "application/json"
+
+// amqpReserved reports a header name the sink sets itself; a header column
+// of that name is not sent (config refuses such columns).
+func amqpReserved(name string) bool {
+	switch name {
+	case "aggregate_type", "aggregate_id", "occurred_at", headerTraceparent, headerTracestate, headerTombstone:
+		return true
+	}
+	return strings.HasPrefix(name, amqpCEPrefix) || strings.HasPrefix(name, "x-outbox-")
+}
+
+func sameAMQPName(a, b string) bool { return a == b } // AMQP field tables are case-sensitive
+
+// publishing is the message the sink publishes for m: the contract's
+// headers, m's header columns under their names, traceparent and
+// tracestate when set, tombstone = true for a tombstone, and with
+// CloudEvents the cloudEvents_ attributes.
+func (r *RabbitMQ) publishing(m *Message) amqp.Publishing {
+	h := make(amqp.Table, 3+len(m.Headers)+8)
+	eachColumn(m, amqpReserved, sameAMQPName, func(c decoder.Header) { h[c.Name] = c.Value })
+	occurred := m.OccurredAt.UTC().Format(time.RFC3339Nano)
+	h["aggregate_type"] = m.AggregateType
+	h["aggregate_id"] = m.AggregateID
+	h["occurred_at"] = occurred
+	if m.Traceparent != "" {
+		h[headerTraceparent] = m.Traceparent
+	}
+	if m.Tracestate != "" {
+		h[headerTracestate] = m.Tracestate
+	}
+	contentType := amqpContentType
+	if m.Tombstone {
+		h[headerTombstone] = true
+		contentType = ""
+	}
+	if r.cfg.CloudEvents {
+		h[amqpCEPrefix+"specversion"] = ceSpecVersion
+		h[amqpCEPrefix+"id"] = m.ID
+		h[amqpCEPrefix+"type"] = m.Type
+		h[amqpCEPrefix+"source"] = r.cfg.CloudEventsSource
+		if m.AggregateID != "" { // subject, when present, must not be empty
+			h[amqpCEPrefix+"subject"] = m.AggregateID
+		}
+		if !m.OccurredAt.IsZero() {
+			// A string: AMQP 0-9-1's timestamp has whole seconds only.
+			h[amqpCEPrefix+"time"] = occurred
+		}
+	}
 	return amqp.Publishing{
-		Headers: amqp.Table{
-			"aggregate_type": m.AggregateType,
-			"aggregate_id":   m.AggregateID,
-			"occurred_at":    m.OccurredAt.UTC().Format(time.RFC3339Nano),
-		},
-		ContentType:  "application/json",
+		Headers:      h,
+		ContentType:  contentType,
 		DeliveryMode: amqp.Persistent,
 		MessageId:    m.ID,
 		Timestamp:    m.OccurredAt,
@@ -277,7 +348,7 @@ type rabbitPending struct {
 // Publish implements Publisher.
 func (r *RabbitMQ) Publish(ctx context.Context, m *Message) (Pending, error) {
 	defer r.interrupt.during(ctx)()
-	dc, err := r.ch.PublishWithDeferredConfirmWithContext(ctx, r.cfg.Exchange, m.Key, true, false, publishing(m))
+	dc, err := r.ch.PublishWithDeferredConfirmWithContext(ctx, r.cfg.Exchange, m.Key, true, false, r.publishing(m))
 	if err != nil {
 		if r.ch.IsClosed() || r.conn.IsClosed() {
 			return nil, fmt.Errorf("publish %s: %w", m.ID, r.closedErr())
@@ -379,14 +450,21 @@ const (
 	// amqpHeaderCut lists the headers whose values were cut so that the
 	// content header fits in one frame.
 	amqpHeaderCut = "x-outbox-cut"
+	// amqpHeaderDropped lists the trace headers and header columns left
+	// out because even cut they do not fit in one frame (very many header
+	// columns, or a small frame_max): then all of them are left out, and
+	// the list itself may be cut.
+	amqpHeaderDropped = "x-outbox-dropped"
 )
 
 // deadLetterPublishing is the dead-letter copy of m: properties too long
-// for a shortstr move into headers (longstr), header values are cut until
-// the content header fits frame_max, and a body over RELAY_MAX_MESSAGE_BYTES
-// is left out; headers say which of these happened.
+// for a shortstr move into headers (longstr), header values (header columns
+// included) are cut until the content header fits frame_max, and a body
+// over RELAY_MAX_MESSAGE_BYTES is left out; when the headers do not fit
+// even cut, the header columns and trace headers are left out. Headers say
+// which of these happened.
 func (r *RabbitMQ) deadLetterPublishing(m *Message, reason string) amqp.Publishing {
-	pub := publishing(m)
+	pub := r.publishing(m)
 	pub.Headers[amqpHeaderReason] = reason
 	pub.Headers[amqpHeaderExchange] = r.cfg.Exchange
 	pub.Headers[amqpHeaderRoutingKey] = m.Key
@@ -409,11 +487,36 @@ func (r *RabbitMQ) deadLetterPublishing(m *Message, reason string) amqp.Publishi
 		pub.Body = nil
 		pub.Headers[amqpHeaderOmitted] = true
 	}
-	// Room for the x-outbox-cut header itself.
-	if cut := fitHeaders(&pub, r.frameMax()-512); len(cut) > 0 {
+	whole := maps.Clone(pub.Headers)
+	if r.fit(&pub) {
+		return pub
+	}
+	// Too many headers to fit even cut, or too many cut to list: leave out
+	// the header columns and the trace headers, and cut the rest.
+	pub.Headers = whole
+	var dropped []string
+	drop := func(k string) {
+		if _, ok := whole[k]; ok {
+			delete(whole, k)
+			dropped = append(dropped, k)
+		}
+	}
+	drop(headerTraceparent)
+	drop(headerTracestate)
+	eachColumn(m, amqpReserved, sameAMQPName, func(c decoder.Header) { drop(c.Name) })
+	whole[amqpHeaderDropped] = strings.Join(dropped, ",")
+	r.fit(&pub)
+	return pub
+}
+
+// fit cuts the header values of pub until its content header fits
+// frame_max with room for the x-outbox-cut header, which it sets; it
+// reports whether the result fits.
+func (r *RabbitMQ) fit(pub *amqp.Publishing) bool {
+	if cut := fitHeaders(pub, r.frameMax()-512); len(cut) > 0 {
 		pub.Headers[amqpHeaderCut] = strings.Join(cut, ",")
 	}
-	return pub
+	return headerFrameSize(pub) <= r.frameMax()
 }
 
 // fitHeaders cuts the longest string header values (at a UTF-8 boundary)
@@ -480,13 +583,16 @@ func headerFrameSize(pub *amqp.Publishing) int {
 	return n
 }
 
-// messageHeaderFrameSize is headerFrameSize(publishing(m)) without
+// messageHeaderFrameSize is headerFrameSize(r.publishing(m)) without
 // building the publishing, which Reject would otherwise do for every event.
-func messageHeaderFrameSize(m *Message) int {
+func (r *RabbitMQ) messageHeaderFrameSize(m *Message) int {
 	var buf [64]byte
 	occurred := len(m.OccurredAt.UTC().AppendFormat(buf[:0], time.RFC3339Nano))
-	n := 7 + 2 + 2 + 8 + 2 + 1                                     // frame header and end, class, weight, body size, flags
-	n += 1 + len("application/json") + 1 + 1 + len("outbox-relay") // content type, delivery mode, app id
+	n := 7 + 2 + 2 + 8 + 2 + 1       // frame header and end, class, weight, body size, flags
+	n += 1 + 1 + len("outbox-relay") // delivery mode, app id
+	if !m.Tombstone {
+		n += 1 + len(amqpContentType)
+	}
 	if m.ID != "" {
 		n += 1 + len(m.ID)
 	}
@@ -501,6 +607,29 @@ func messageHeaderFrameSize(m *Message) int {
 		{len("aggregate_type"), len(m.AggregateType)}, {len("aggregate_id"), len(m.AggregateID)}, {len("occurred_at"), occurred},
 	} {
 		n += 1 + kv.k + 1 + 4 + kv.v
+	}
+	str := func(k string, v int) { n += 1 + len(k) + 1 + 4 + v } // a longstr entry
+	eachColumn(m, amqpReserved, sameAMQPName, func(c decoder.Header) { str(c.Name, len(c.Value)) })
+	if m.Traceparent != "" {
+		str(headerTraceparent, len(m.Traceparent))
+	}
+	if m.Tracestate != "" {
+		str(headerTracestate, len(m.Tracestate))
+	}
+	if m.Tombstone {
+		n += 1 + len(headerTombstone) + 1 + 1 // a boolean entry
+	}
+	if r.cfg.CloudEvents {
+		str(amqpCEPrefix+"specversion", len(ceSpecVersion))
+		str(amqpCEPrefix+"id", len(m.ID))
+		str(amqpCEPrefix+"type", len(m.Type))
+		str(amqpCEPrefix+"source", len(r.cfg.CloudEventsSource))
+		if m.AggregateID != "" {
+			str(amqpCEPrefix+"subject", len(m.AggregateID))
+		}
+		if !m.OccurredAt.IsZero() {
+			str(amqpCEPrefix+"time", occurred)
+		}
 	}
 	return n
 }

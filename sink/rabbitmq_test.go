@@ -10,9 +10,11 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	amqp "github.com/rabbitmq/amqp091-go"
 
+	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/internal/testenv"
 )
 
@@ -392,7 +394,7 @@ func TestRabbitMQFrameMaxBoundary(t *testing.T) {
 	for _, extra := range []int{0, 1} {
 		m := testMessage("00000000-0000-4000-8000-000000000001", "order.created", `{}`)
 		m.AggregateType = ""
-		pub := publishing(m)
+		pub := r.publishing(m)
 		m.AggregateType = strings.Repeat("a", limit-headerFrameSize(&pub)+extra)
 		reason := r.Reject(m)
 		if extra == 1 {
@@ -420,18 +422,165 @@ func TestRabbitMQFrameMaxBoundary(t *testing.T) {
 }
 
 // TestMessageHeaderFrameSizeMatchesThePublishing: Reject's shortcut counts
-// what publishing builds, for any lengths and timestamps.
+// what publishing builds, for any lengths and timestamps, header columns
+// (a reserved or repeated name is not sent, so not counted), trace headers,
+// tombstones, with CloudEvents on and off.
 func TestMessageHeaderFrameSizeMatchesThePublishing(t *testing.T) {
-	for _, m := range []*Message{
-		{},
-		testMessage("00000000-0000-4000-8000-000000000001", "order.created", `{}`),
-		{ID: "x", Type: strings.Repeat("t", 300), AggregateType: "日本", AggregateID: "",
-			OccurredAt: time.Date(2024, 1, 2, 3, 4, 5, 0, time.UTC)},
-		{Type: "a", OccurredAt: time.Date(1, 1, 1, 0, 0, 0, 1, time.FixedZone("y", -7200))},
-	} {
-		pub := publishing(m)
-		if got, want := messageHeaderFrameSize(m), headerFrameSize(&pub); got != want {
-			t.Errorf("%+v: messageHeaderFrameSize = %d, headerFrameSize(publishing) = %d", m, got, want)
+	withAll := testMessage("00000000-0000-4000-8000-000000000001", "order.created", `{}`)
+	withAll.Headers = []decoder.Header{{Name: "tenant", Value: "acme"}, {Name: "note", Value: "a\nb 日本"},
+		{Name: "empty", Value: ""}, {Name: "tenant", Value: "again"}, {Name: "tombstone", Value: "reserved"},
+		{Name: "cloudEvents_id", Value: "reserved"}, {Name: "big", Value: strings.Repeat("x", 70000)}}
+	withAll.Traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+	withAll.Tracestate = "congo=t61rcWkgMzE"
+	tomb := testMessage("00000000-0000-4000-8000-000000000002", "order.deleted", "")
+	tomb.Tombstone, tomb.Body = true, nil
+	tomb.AggregateID = ""
+	for _, ce := range []bool{false, true} {
+		r := &RabbitMQ{cfg: RabbitMQConfig{CloudEvents: ce, CloudEventsSource: "outbox-relay:db/public.outbox"}}
+		for _, m := range []*Message{
+			{},
+			testMessage("00000000-0000-4000-8000-000000000001", "order.created", `{}`),
+			{ID: "x", Type: strings.Repeat("t", 300), AggregateType: "日本", AggregateID: "",
+				OccurredAt: time.Date(2024, 1, 2, 3, 4, 5, 0, time.UTC)},
+			{Type: "a", OccurredAt: time.Date(1, 1, 1, 0, 0, 0, 1, time.FixedZone("y", -7200))},
+			withAll, tomb,
+			{Tracestate: "a=b", Headers: []decoder.Header{{Name: "only", Value: "v"}}},
+		} {
+			pub := r.publishing(m)
+			if got, want := r.messageHeaderFrameSize(m), headerFrameSize(&pub); got != want {
+				t.Errorf("CloudEvents %v, %.200v: messageHeaderFrameSize = %d, headerFrameSize(publishing) = %d", ce, m, got, want)
+			}
 		}
+	}
+}
+
+// TestRabbitMQHeaderColumnsAtTheFrameMaxBoundary (invariant 8) at every
+// length around the limit: a header column whose value brings the content
+// header to just under, exactly at and just over frame_max, and far over
+// it, with the trace headers and CloudEvents on, in ASCII and multibyte
+// UTF-8. Each event is either published (acked, with every header as sent)
+// or rejected with a reason naming the header column, and then
+// dead-lettered; the dead-letter copy of every one is acked, with the cut
+// columns listed, and the connection stays up throughout. With thousands of
+// header columns, which do not fit even cut, the copy leaves them out and
+// lists them in x-outbox-dropped.
+func TestRabbitMQHeaderColumnsAtTheFrameMaxBoundary(t *testing.T) {
+	rt := newRabbitTest(t)
+	rt.cfg.CloudEvents, rt.cfg.CloudEventsSource = true, "outbox-relay:test/public.outbox"
+	r := rt.dial(t)
+	limit := r.frameMax()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	base := func(i int) *Message {
+		m := testMessage(fmt.Sprintf("00000000-0000-4000-8000-%012d", i), "order.created", `{"n":1}`)
+		m.Traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+		m.Tracestate = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"
+		m.Headers = []decoder.Header{{Name: "tenant", Value: "acme"}, {Name: "note", Value: ""}}
+		return m
+	}
+	room := limit - r.messageHeaderFrameSize(base(0)) // bytes the note column may take
+	const reason = "test: poison"
+	seq := 0
+	check := func(desc string, m *Message, wantAccepted bool) {
+		t.Helper()
+		seq++
+		rej := r.Reject(m)
+		if wantAccepted != (rej == "") {
+			t.Fatalf("%s: content header %d bytes, frame_max %d: Reject = %q", desc, r.messageHeaderFrameSize(m), limit, rej)
+		}
+		if rej == "" {
+			p, err := r.Publish(ctx, m)
+			if err != nil {
+				t.Fatalf("%s: %v", desc, err)
+			}
+			if res, err := p.Wait(ctx); err != nil || res.Outcome != Acked {
+				t.Fatalf("%s: accepted but not acked: %v %v", desc, res, err)
+			}
+			d, ok := rt.get(t, rt.queue)
+			if !ok {
+				t.Fatalf("%s: published message not in the queue", desc)
+			}
+			for _, h := range m.Headers {
+				if d.Headers[h.Name] != h.Value {
+					t.Fatalf("%s: header column %s arrived as %.40q", desc, h.Name, d.Headers[h.Name])
+				}
+			}
+			if d.Headers["traceparent"] != m.Traceparent || d.Headers["tracestate"] != m.Tracestate ||
+				d.Headers["cloudEvents_id"] != m.ID {
+				t.Fatalf("%s: trace or CloudEvents headers not as sent: %v", desc, d.Headers)
+			}
+		} else if !strings.Contains(rej, "frame_max") || !strings.Contains(rej, "header columns") ||
+			len(m.Headers) < 10 && !strings.Contains(rej, "note") {
+			t.Fatalf("%s: reason %q does not name frame_max and the note column", desc, rej)
+		}
+		if err := r.DeadLetter(ctx, m, "rejected: "+rej); err != nil {
+			t.Fatalf("%s: dead-letter copy refused: %v", desc, err)
+		}
+		d, ok := rt.get(t, rt.cfg.DeadLetterExchange)
+		if !ok {
+			t.Fatalf("%s: dead-letter queue empty", desc)
+		}
+		if got, _ := d.Headers["x-outbox-reason"].(string); !strings.HasPrefix(got, "rejected: ") {
+			t.Fatalf("%s: reason header %q", desc, got)
+		}
+		cut := listed(fmt.Sprint(d.Headers["x-outbox-cut"]))
+		_, dropped := d.Headers["x-outbox-dropped"] // then every column and trace header is left out
+		for _, h := range append(m.Headers, decoder.Header{Name: "traceparent", Value: m.Traceparent},
+			decoder.Header{Name: "tracestate", Value: m.Tracestate}) {
+			got, present := d.Headers[h.Name].(string)
+			switch {
+			case dropped:
+				if present {
+					t.Fatalf("%s: column %s present although the copy says it dropped them", desc, h.Name)
+				}
+			case cut[h.Name]:
+				if !strings.HasPrefix(h.Value, got) || !utf8.ValidString(got) {
+					t.Fatalf("%s: column %s listed as cut is not a prefix at a UTF-8 boundary", desc, h.Name)
+				}
+			case got != h.Value:
+				t.Fatalf("%s: dead-letter column %s (%d bytes) differs without saying so", desc, h.Name, len(h.Value))
+			}
+		}
+		if r.conn.IsClosed() || r.ch.IsClosed() {
+			t.Fatalf("%s: the connection closed", desc)
+		}
+	}
+	text := func(n int, multibyte bool) string {
+		if !multibyte {
+			return strings.Repeat("n", n)
+		}
+		return strings.Repeat("é", n/2) + strings.Repeat("b", n%2)
+	}
+	for _, delta := range []int{-3, -2, -1, 0, 1, 2, 3, 1000, 4 * limit} {
+		for _, mb := range []bool{false, true} {
+			m := base(seq)
+			m.Headers[1].Value = text(room+delta, mb)
+			check(fmt.Sprintf("note column at frame_max%+d (multibyte %v)", delta, mb), m, delta <= 0)
+		}
+	}
+	// Two columns sharing the room, one byte apart at the boundary.
+	for _, delta := range []int{0, 1} {
+		m := base(seq)
+		m.Headers = append(m.Headers, decoder.Header{Name: "other", Value: ""})
+		room2 := limit - r.messageHeaderFrameSize(m)
+		m.Headers[1].Value, m.Headers[2].Value = text(room2/2, false), text(room2-room2/2+delta, true)
+		check(fmt.Sprintf("two columns at frame_max%+d", delta), m, delta == 0)
+	}
+	// More columns than fit even empty: the copy drops them.
+	m := base(seq)
+	for i := 0; len(m.Headers) < 3000; i++ {
+		m.Headers = append(m.Headers, decoder.Header{Name: fmt.Sprintf("c%061d", i), Value: "v"})
+	}
+	m.Headers = append(m.Headers, decoder.Header{Name: "note", Value: "x"}) // a repeated name is not sent
+	check("3000 header columns", m, false)
+	if err := r.DeadLetter(ctx, m, "again"); err != nil {
+		t.Fatal(err)
+	}
+	d, _ := rt.get(t, rt.cfg.DeadLetterExchange)
+	if dropped, _ := d.Headers["x-outbox-dropped"].(string); !strings.HasPrefix(dropped, "traceparent,tracestate,tenant,note,c000") {
+		t.Fatalf("3000 header columns: x-outbox-dropped %.100q", dropped)
+	}
+	if d.Headers["aggregate_id"] != m.AggregateID || d.Headers["x-outbox-reason"] != "again" {
+		t.Fatalf("3000 header columns: the contract's headers did not survive: %v", d.Headers["aggregate_id"])
 	}
 }

@@ -231,6 +231,8 @@ func cmdRun(args []string, stderr io.Writer) int {
 				MaxMessageBytes:    cfg.MaxMessageBytes,
 				TLS:                tlsCfg,
 				Heartbeat:          cfg.AMQPHeartbeat,
+				CloudEvents:        cfg.CloudEvents == config.CloudEventsBinary,
+				CloudEventsSource:  cfg.CloudEventsSourceAttr(),
 				OnBlocked: func(blocked bool, reason string) {
 					if !m.SetBrokerBlocked(blocked, reason) {
 						return // another connection's notice of the same episode

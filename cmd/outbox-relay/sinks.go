@@ -23,7 +23,9 @@ func natsPublisher(cfg *config.Config) (func(context.Context) (sink.Publisher, e
 		MaxMessageBytes:   cfg.MaxMessageBytes,
 		// The relay's window bounds what is unconfirmed; slack for the
 		// messages between the window and the confirm stage.
-		MaxPending: 2*cfg.PublishWindow + 64,
+		MaxPending:        2*cfg.PublishWindow + 64,
+		CloudEvents:       cfg.CloudEvents == config.CloudEventsBinary,
+		CloudEventsSource: cfg.CloudEventsSourceAttr(),
 	}
 	return func(ctx context.Context) (sink.Publisher, error) {
 		p, err := sink.DialNATS(ctx, nc)
