@@ -282,7 +282,7 @@ func ValidSubject(s string) string {
 }
 
 func natsMessage(subject string, m *Message) *nats.Msg {
-	return &nats.Msg{
+	msg := &nats.Msg{
 		Subject: subject,
 		Header: nats.Header{
 			jetstream.MsgIDHeader:   {m.ID},
@@ -294,6 +294,15 @@ func natsMessage(subject string, m *Message) *nats.Msg {
 		},
 		Data: m.Body,
 	}
+	// The producer's W3C trace context, when the row had one (the decoder
+	// passes only valid, printable values).
+	if m.Traceparent != "" {
+		msg.Header["traceparent"] = []string{m.Traceparent}
+	}
+	if m.Tracestate != "" {
+		msg.Header["tracestate"] = []string{m.Tracestate}
+	}
+	return msg
 }
 
 // Reject implements Publisher: invalid subjects, header values that NATS

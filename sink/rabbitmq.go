@@ -253,11 +253,11 @@ func (r *RabbitMQ) frameMax() int {
 
 func publishing(m *Message) amqp.Publishing {
 	return amqp.Publishing{
-		Headers: amqp.Table{
+		Headers: withTraceHeaders(amqp.Table{
 			"aggregate_type": m.AggregateType,
 			"aggregate_id":   m.AggregateID,
 			"occurred_at":    m.OccurredAt.UTC().Format(time.RFC3339Nano),
-		},
+		}, m),
 		ContentType:  "application/json",
 		DeliveryMode: amqp.Persistent,
 		MessageId:    m.ID,
@@ -501,6 +501,30 @@ func messageHeaderFrameSize(m *Message) int {
 		{len("aggregate_type"), len(m.AggregateType)}, {len("aggregate_id"), len(m.AggregateID)}, {len("occurred_at"), occurred},
 	} {
 		n += 1 + kv.k + 1 + 4 + kv.v
+	}
+	return n + traceHeadersSize(m)
+}
+
+// withTraceHeaders adds the producer's W3C trace context to h, when the
+// row had one: traceparent (55 bytes) and tracestate (at most 512).
+func withTraceHeaders(h amqp.Table, m *Message) amqp.Table {
+	if m.Traceparent != "" {
+		h["traceparent"] = m.Traceparent
+	}
+	if m.Tracestate != "" {
+		h["tracestate"] = m.Tracestate
+	}
+	return h
+}
+
+// traceHeadersSize is what withTraceHeaders adds to the content header.
+func traceHeadersSize(m *Message) int {
+	n := 0
+	if m.Traceparent != "" {
+		n += 1 + len("traceparent") + 1 + 4 + len(m.Traceparent)
+	}
+	if m.Tracestate != "" {
+		n += 1 + len("tracestate") + 1 + 4 + len(m.Tracestate)
 	}
 	return n
 }
