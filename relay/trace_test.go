@@ -10,12 +10,15 @@ import (
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
+	"github.com/rs/zerolog"
 	"go.opentelemetry.io/otel/codes"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/outbox-relay/outbox-relay/metrics"
 	"github.com/outbox-relay/outbox-relay/outbox"
+	"github.com/outbox-relay/outbox-relay/replication"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
 
@@ -293,5 +296,69 @@ func TestTraceSpansOfAbandonedEventsEnd(t *testing.T) {
 		if want := i >= 5; (abandoned[id] > 0) != want {
 			t.Errorf("event %d: %d abandoned spans, want some: %v", i, abandoned[id], want)
 		}
+	}
+}
+
+// startTraced is natsEnv.start with a Tracer.
+func (ne *natsEnv) startTraced(tracer trace.Tracer) *running {
+	t := ne.t
+	t.Helper()
+	replCfg, err := replication.Config(ne.dbURL, "outbox-relay-test")
+	must(t, err)
+	m := metrics.New()
+	cfg, ncfg := *ne.cfg, ne.ncfg
+	r, err := New(Options{
+		Config: &cfg, Pool: ne.pool, Log: zerolog.New(zerolog.NewTestWriter(t)).Level(zerolog.InfoLevel),
+		Metrics: m, Replication: replCfg, StandbyRetry: 200 * time.Millisecond, Tracer: tracer,
+		NewPublisher: func(ctx context.Context) (sink.Publisher, error) { return sink.DialNATS(ctx, ncfg) },
+	})
+	must(t, err)
+	ctx, cancel := context.WithCancel(context.Background())
+	rr := &running{cancel: cancel, done: make(chan error, 1), metrics: m}
+	go func() { rr.done <- r.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		<-rr.done
+		rr.done <- nil
+	})
+	return rr
+}
+
+// TestTraceContextNATS: on NATS too the message carries the producer's
+// trace context as headers, and the relay's span, named after the subject,
+// links to the producer's span.
+func TestTraceContextNATS(t *testing.T) {
+	ne := newNATSEnv(t)
+	exporter := tracetest.NewInMemoryExporter()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSyncer(exporter))
+	defer tp.Shutdown(context.Background()) //nolint:errcheck // in memory
+	r := ne.startTraced(tp.Tracer("outbox-relay"))
+	r.waitStreaming(t)
+	ctx, span := producerSpan(t)
+	ev := newEvent("order", "created", `{}`)
+	ne.insertWith(ctx, ev)
+	span.End()
+	ne.waitNATS(1, time.Minute)
+	waitFor(t, time.Minute, "the row marked", func() bool { return ne.unpublished() == 0 })
+	r.stop(t)
+
+	producer := span.SpanContext()
+	h := ne.received()[0].header
+	if h.Get("traceparent") != traceparentOf(producer) || h.Get("tracestate") != producer.TraceState().String() {
+		t.Errorf("NATS headers traceparent %q tracestate %q, want %s and %s", h.Get("traceparent"), h.Get("tracestate"),
+			traceparentOf(producer), producer.TraceState().String())
+	}
+	spans := exporter.GetSpans().Snapshots()
+	if len(spans) != 1 {
+		t.Fatalf("%d spans, want 1", len(spans))
+	}
+	s := spans[0]
+	subject := ne.prefix + ".order.created"
+	if s.Name() != subject+" publish" || spanAttr(s, "messaging.system") != "nats" ||
+		spanAttr(s, "messaging.destination.name") != subject || spanAttr(s, "messaging.message.id") != ev.ID {
+		t.Errorf("span %q with %v", s.Name(), s.Attributes())
+	}
+	if l := s.Links(); len(l) != 1 || !l[0].SpanContext.Equal(producer.WithRemote(true)) || s.Status().Code != codes.Ok {
+		t.Errorf("links %v status %v, want one link to %v, OK", l, s.Status(), producer)
 	}
 }
