@@ -234,7 +234,7 @@ func (s *session) startSpan(ctx context.Context, it *item) {
 		attrs = append(attrs, attribute.String("messaging.rabbitmq.destination.routing_key", key))
 	}
 	opts := []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindProducer), trace.WithNewRoot(), trace.WithAttributes(attrs...)}
-	if producer := producerSpanContext(m.Traceparent, m.Tracestate); producer.IsValid() {
+	if producer := producerSpanContext(m.Traceparent, strings.Clone(m.Tracestate)); producer.IsValid() {
 		opts = append(opts, trace.WithLinks(trace.Link{SpanContext: producer}))
 	}
 	_, it.span = s.r.opt.Tracer.Start(ctx, dest+" publish", opts...)
