@@ -31,6 +31,16 @@
 //   - OccurredAt left zero becomes the table's default, now(): the start of
 //     the transaction.
 //   - Validation errors wrap ErrInvalid and name the event by its index.
+//   - The trace context of the span in ctx (OpenTelemetry's API and its W3C
+//     TraceContext propagator; this package needs no SDK) is stored in the
+//     traceparent and tracestate columns, which the relay sends as headers
+//     of those names: consumers continue the producer's trace. Without a
+//     valid span context the statement leaves the columns out and they stay
+//     NULL, so inserts without tracing work on a table that has not had
+//     migration 006 (`outbox-relay migrate`) yet. With a span on such a
+//     table, Insert fails and its error wraps ErrNoTraceColumns, which says
+//     to run the migration: deploy the migration before (or with) the
+//     upgrade, or write with New(table, WithoutTraceContext()) until then.
 //
 // Other languages write the same row with plain SQL; see docs/sinks.md.
 package outbox

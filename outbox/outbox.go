@@ -12,6 +12,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgtype"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // DefaultTable is the table Insert writes to, as `outbox-relay migrate`
@@ -45,13 +47,33 @@ type Execer interface {
 // ErrInvalid is wrapped by every validation error.
 var ErrInvalid = errors.New("invalid outbox event")
 
+// ErrNoTraceColumns is wrapped by the error of an Insert whose context
+// carries a span while the table has no traceparent and tracestate columns:
+// migration 006 (`outbox-relay migrate`) adds them. The failed statement
+// aborts the caller's transaction, as any failed statement does; a Writer
+// made with WithoutTraceContext never writes the columns.
+var ErrNoTraceColumns = errors.New("the outbox table has no traceparent/tracestate columns: " +
+	"run `outbox-relay migrate` (migration 006_trace_context adds them), or write with a Writer made with outbox.WithoutTraceContext()")
+
 // Writer inserts events into one outbox table.
 type Writer struct {
-	insert string
+	insert      string // without the trace context columns
+	insertTrace string // with them, $7 and $8
+	noTrace     bool
+}
+
+// Option configures a Writer.
+type Option func(*Writer)
+
+// WithoutTraceContext makes the Writer ignore the span in the context and
+// never write the traceparent and tracestate columns: for a table that has
+// not had migration 006 yet.
+func WithoutTraceContext() Option {
+	return func(w *Writer) { w.noTrace = true }
 }
 
 // New returns a Writer for table, "schema.table" or "table" (schema public).
-func New(table string) (*Writer, error) {
+func New(table string, opts ...Option) (*Writer, error) {
 	parts := strings.Split(table, ".")
 	switch {
 	case len(parts) == 1 && parts[0] != "":
@@ -63,11 +85,21 @@ func New(table string) (*Writer, error) {
 	ident := pgx.Identifier(parts).Sanitize()
 	// WITH ORDINALITY and ORDER BY keep the caller's order, which is the
 	// order the relay publishes in.
-	return &Writer{insert: `INSERT INTO ` + ident + ` (id, aggregate_type, aggregate_id, event_type, payload, occurred_at)
-SELECT e.id, e.aggregate_type, e.aggregate_id, e.event_type, e.payload::jsonb, coalesce(e.occurred_at, now())
+	const from = `
 FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::timestamptz[])
 	WITH ORDINALITY AS e(id, aggregate_type, aggregate_id, event_type, payload, occurred_at, n)
-ORDER BY e.n`}, nil
+ORDER BY e.n`
+	w := &Writer{
+		insert: `INSERT INTO ` + ident + ` (id, aggregate_type, aggregate_id, event_type, payload, occurred_at)
+SELECT e.id, e.aggregate_type, e.aggregate_id, e.event_type, e.payload::jsonb, coalesce(e.occurred_at, now())` + from,
+		// One trace context for the whole call: the span in ctx.
+		insertTrace: `INSERT INTO ` + ident + ` (id, aggregate_type, aggregate_id, event_type, payload, occurred_at, traceparent, tracestate)
+SELECT e.id, e.aggregate_type, e.aggregate_id, e.event_type, e.payload::jsonb, coalesce(e.occurred_at, now()), $7::text, $8::text` + from,
+	}
+	for _, o := range opts {
+		o(w)
+	}
+	return w, nil
 }
 
 var defaultWriter, _ = New(DefaultTable)
@@ -82,6 +114,12 @@ func Insert(ctx context.Context, db Execer, events ...Event) error {
 // in order. It writes nothing when any event is invalid; a database error
 // (such as a duplicate id) aborts the caller's transaction, as any failed
 // statement does.
+//
+// When ctx carries a valid span context (OpenTelemetry's, from
+// trace.SpanContextFromContext), every event of the call gets its W3C
+// traceparent and tracestate, formatted by the TraceContext propagator;
+// otherwise the statement leaves those columns out and they stay NULL. On a
+// table without the columns the error wraps ErrNoTraceColumns.
 func (w *Writer) Insert(ctx context.Context, db Execer, events ...Event) error {
 	if len(events) == 0 {
 		return nil
@@ -111,14 +149,60 @@ func (w *Writer) Insert(ctx context.Context, db Execer, events ...Event) error {
 			occurred[i] = pgtype.Timestamptz{Time: ev.OccurredAt, Valid: true}
 		}
 	}
-	tag, err := db.Exec(ctx, w.insert, ids, aggTypes, aggIDs, evTypes, payloads, occurred)
+	var tag pgconn.CommandTag
+	var err error
+	tc, traced := w.traceContext(ctx)
+	if traced {
+		tag, err = db.Exec(ctx, w.insertTrace, ids, aggTypes, aggIDs, evTypes, payloads, occurred, tc.traceparent, tc.tracestate)
+	} else {
+		tag, err = db.Exec(ctx, w.insert, ids, aggTypes, aggIDs, evTypes, payloads, occurred)
+	}
 	if err != nil {
+		if traced && missingTraceColumn(err) {
+			return fmt.Errorf("outbox: insert %d events: %w (%w)", n, ErrNoTraceColumns, err)
+		}
 		return fmt.Errorf("outbox: insert %d events: %w", n, err)
 	}
 	if tag.RowsAffected() != int64(n) {
 		return fmt.Errorf("outbox: inserted %d of %d events", tag.RowsAffected(), n)
 	}
 	return nil
+}
+
+// traceCarrier receives what the TraceContext propagator writes.
+type traceCarrier struct {
+	traceparent string
+	tracestate  pgtype.Text // NULL when empty
+}
+
+func (c *traceCarrier) Get(string) string { return "" }
+func (c *traceCarrier) Keys() []string    { return nil }
+func (c *traceCarrier) Set(key, value string) {
+	switch key {
+	case "traceparent":
+		c.traceparent = value
+	case "tracestate":
+		c.tracestate = pgtype.Text{String: value, Valid: value != ""}
+	}
+}
+
+// traceContext returns the W3C trace context of the span in ctx, if it has
+// a valid one and w writes it.
+func (w *Writer) traceContext(ctx context.Context) (traceCarrier, bool) {
+	var c traceCarrier
+	if w.noTrace || !trace.SpanContextFromContext(ctx).IsValid() {
+		return c, false
+	}
+	propagation.TraceContext{}.Inject(ctx, &c)
+	return c, c.traceparent != ""
+}
+
+// missingTraceColumn reports whether err is PostgreSQL's undefined_column
+// for one of the trace context columns.
+func missingTraceColumn(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "42703" &&
+		(strings.Contains(pgErr.Message, `"traceparent"`) || strings.Contains(pgErr.Message, `"tracestate"`))
 }
 
 func validate(ev *Event) error {

@@ -3,8 +3,15 @@ package relay
 import (
 	"context"
 	"fmt"
+	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/propagation"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/outbox-relay/outbox-relay/config"
 	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/sink"
 )
@@ -103,9 +110,11 @@ func (s *session) publish(ctx context.Context) error {
 			default:
 			}
 			if err := flush(); err != nil {
+				abandonSpan(it, err)
 				return err
 			}
 			if err := forward(ctx, s.pending, it); err != nil {
+				abandonSpan(it, err)
 				return err
 			}
 		}
@@ -182,13 +191,123 @@ func (s *session) publishOne(ctx context.Context, it *item) error {
 		it.fate, it.dead = fateDeadLetter, newDeadReason(deadRejected, reason)
 		return nil
 	}
+	if s.r.opt.Tracer != nil {
+		s.startSpan(ctx, it)
+	}
 	it.sentAt = time.Now()
 	p, err := s.pub.Publish(ctx, &it.msg)
 	if err != nil {
+		abandonSpan(it, err)
 		return brokerFailure(err)
 	}
 	it.pending = p
 	return nil
+}
+
+// startSpan starts the relay's span for it, just before its publish: a
+// producer span of a new trace, linked to the producer's span when the row
+// carried its trace context. Not its child: the message keeps carrying the
+// producer's traceparent, so the consumer continues the producer's trace,
+// and the relay's spans are traces of their own that point to it.
+//
+// The span holds copies of the few strings it records, not the event's
+// buffer, and never the payload.
+func (s *session) startSpan(ctx context.Context, it *item) {
+	m := &it.msg
+	system := s.r.broker()
+	key := strings.Clone(m.Key)
+	dest := s.r.cfg.Exchange
+	if system == config.SinkNATS {
+		dest = key // the subject
+	}
+	attrs := make([]attribute.KeyValue, 0, 8)
+	attrs = append(attrs,
+		attribute.String("messaging.system", system),
+		attribute.String("messaging.operation.type", "send"),
+		attribute.String("messaging.destination.name", dest),
+		attribute.String("messaging.message.id", strings.Clone(m.ID)),
+		attribute.String("outbox.aggregate_type", strings.Clone(m.AggregateType)),
+		attribute.String("outbox.aggregate_id", strings.Clone(m.AggregateID)),
+		attribute.String("outbox.event_type", strings.Clone(m.Type)),
+	)
+	if system != config.SinkNATS {
+		attrs = append(attrs, attribute.String("messaging.rabbitmq.destination.routing_key", key))
+	}
+	opts := []trace.SpanStartOption{trace.WithSpanKind(trace.SpanKindProducer), trace.WithNewRoot(), trace.WithAttributes(attrs...)}
+	if producer := producerSpanContext(m.Traceparent, strings.Clone(m.Tracestate)); producer.IsValid() {
+		opts = append(opts, trace.WithLinks(trace.Link{SpanContext: producer}))
+	}
+	_, it.span = s.r.opt.Tracer.Start(ctx, dest+" publish", opts...)
+}
+
+// producerSpanContext parses the row's trace context with the W3C
+// TraceContext propagator: invalid (no link) when there is none.
+func producerSpanContext(traceparent, tracestate string) trace.SpanContext {
+	if traceparent == "" {
+		return trace.SpanContext{}
+	}
+	c := traceCarrier{traceparent: traceparent, tracestate: tracestate}
+	return trace.SpanContextFromContext(propagation.TraceContext{}.Extract(context.Background(), c))
+}
+
+// traceCarrier hands the row's two values to the propagator.
+type traceCarrier struct{ traceparent, tracestate string }
+
+func (c traceCarrier) Get(key string) string {
+	switch key {
+	case "traceparent":
+		return c.traceparent
+	case "tracestate":
+		return c.tracestate
+	}
+	return ""
+}
+func (c traceCarrier) Set(string, string) {}
+func (c traceCarrier) Keys() []string     { return []string{"traceparent", "tracestate"} }
+
+// endSpan ends the item's span with the broker's verdict: OK when acked,
+// an error when the event was dead-lettered or dropped.
+func endSpan(it *item) {
+	switch it.fate {
+	case fatePublish:
+		it.span.SetStatus(codes.Ok, "")
+	case fateDeadLetter:
+		it.span.SetAttributes(attribute.String("outbox.dead_letter.class", it.dead.class))
+		it.span.SetStatus(codes.Error, "dead-lettered: "+it.dead.text)
+	case fateDropped:
+		it.span.SetStatus(codes.Error, "unroutable: dropped (RELAY_UNROUTABLE=drop)")
+	}
+	it.span.End()
+	it.span = nil
+}
+
+// abandonSpan ends the span of an item whose verdict will never come in
+// this session: its row is not marked, and it is published again.
+func abandonSpan(it *item, err error) {
+	if it.span == nil {
+		return
+	}
+	why := "abandoned before the broker's verdict; the event is published again"
+	if err != nil {
+		why += ": " + err.Error()
+	}
+	it.span.SetStatus(codes.Error, why)
+	it.span.End()
+	it.span = nil
+}
+
+// endAbandonedSpans ends the spans of the items published and never
+// confirmed by a session that ended: those the confirmer had not taken
+// (the one it held, and those the publisher held, are ended where they
+// failed). Call it after the pipeline's goroutines have returned, when the
+// publisher has closed pending.
+func (s *session) endAbandonedSpans(err error) {
+	if s.r.opt.Tracer == nil {
+		return
+	}
+	for it := range s.pending {
+		abandonSpan(it, err)
+	}
 }
 
 // maxNacks is how often a nacked event is republished before it is
@@ -213,6 +332,7 @@ func (s *session) confirm(ctx context.Context) error {
 			}
 		default:
 			if err := s.await(ctx, it); err != nil {
+				abandonSpan(it, err)
 				return err
 			}
 			m.ConfirmSeconds.Observe(time.Since(it.sentAt).Seconds())
@@ -220,6 +340,9 @@ func (s *session) confirm(ctx context.Context) error {
 				// The contract's end to end: occurred_at -> confirmed.
 				m.DeliverySeconds.Observe(time.Since(it.ev.OccurredAt).Seconds())
 			}
+		}
+		if it.span != nil {
+			endSpan(it)
 		}
 		s.settle(it)
 		if err := forward(ctx, s.confirmed, it); err != nil {
@@ -278,6 +401,9 @@ func (s *session) await(ctx context.Context, it *item) error {
 				return s.deadLetter(ctx, it, deadReason{class: deadNacked, text: fmt.Sprintf("nacked %d times: %s", nacks, res.Reason)})
 			}
 			s.log.Warn().Str("id", it.msg.ID).Int("nacks", nacks).Msg("broker nacked the event; republishing")
+		}
+		if it.span != nil {
+			it.span.AddEvent("republish", trace.WithAttributes(attribute.String("outbox.outcome", res.Outcome.String())))
 		}
 		if attempt > 0 && !sleep(ctx, s.retry.next()) {
 			return ctx.Err()

@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/outbox-relay/outbox-relay/config"
 	"github.com/outbox-relay/outbox-relay/decoder"
@@ -36,6 +37,9 @@ type Options struct {
 	// SyncStallLimit and SyncHoldOff are the step-aside guard's bounds
 	// (syncstate.go, checkStall): 3s and 30s when zero.
 	SyncStallLimit, SyncHoldOff time.Duration
+	// Tracer, when set, starts a span per published event, linked to the
+	// producer's span (pipeline.go, startSpan). nil: no spans, no cost.
+	Tracer trace.Tracer
 }
 
 // Relay streams the outbox until its context ends.

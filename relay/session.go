@@ -10,6 +10,7 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/rs/zerolog"
+	"go.opentelemetry.io/otel/trace"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/outbox-relay/outbox-relay/checkpoint"
@@ -27,6 +28,7 @@ type item struct {
 	ev      decoder.Event
 	msg     sink.Message
 	pending sink.Pending // while fate is fatePublish and the verdict is awaited
+	span    trace.Span   // the relay's span, from publish to verdict (Options.Tracer)
 	sentAt  time.Time
 	fate    fate
 	dead    deadReason // with fateDeadLetter
@@ -187,6 +189,7 @@ func (r *Relay) session(ctx context.Context) error {
 	s := r.newSession(conn, pub, start)
 	err = s.run(ctx, own, sweep)
 	s.carryConfirmed()
+	s.endAbandonedSpans(err)
 	return err
 }
 

@@ -31,6 +31,7 @@ import (
 	"github.com/outbox-relay/outbox-relay/replication"
 	"github.com/outbox-relay/outbox-relay/sink"
 	"github.com/outbox-relay/outbox-relay/status"
+	"github.com/outbox-relay/outbox-relay/tracing"
 )
 
 // version is set with -ldflags "-X main.version=…"; otherwise the module's.
@@ -207,6 +208,28 @@ func cmdRun(args []string, stderr io.Writer) int {
 		log.Error().Err(err).Msg("cannot start")
 		return 1
 	}
+	// The relay's own spans, only with an OTLP endpoint in the environment.
+	tr, err := tracing.Setup(ctx, tracing.Config{
+		ServiceVersion: versionString(),
+		OnError: func(err error, suppressed int) {
+			log.Warn().Err(err).Int("suppressed", suppressed).Msg("OpenTelemetry: exporting the relay's spans failed")
+		},
+	})
+	if err != nil {
+		log.Error().Err(err).Msg("cannot start")
+		return 1
+	}
+	defer func() {
+		if err := tr.Shutdown(5 * time.Second); err != nil {
+			log.Warn().Err(err).Msg("OpenTelemetry: spans not flushed at exit")
+		}
+	}()
+	if tr.Enabled() {
+		log.Info().Str("endpoint", tr.Endpoint).Str("protocol", tr.Protocol).
+			Msg("tracing on: a span per published event, linked to the producer's, exported over OTLP")
+	} else {
+		log.Info().Msg("tracing off: no OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+	}
 	var dialNATS func(context.Context) (sink.Publisher, error)
 	if cfg.Sink == config.SinkNATS {
 		if dialNATS, err = natsPublisher(cfg); err != nil {
@@ -220,6 +243,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 		Log:         log,
 		Metrics:     m,
 		Replication: replCfg,
+		Tracer:      tr.Tracer,
 		NewPublisher: func(ctx context.Context) (sink.Publisher, error) {
 			if dialNATS != nil {
 				return dialNATS(ctx)
