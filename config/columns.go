@@ -11,11 +11,12 @@ import (
 	"github.com/outbox-relay/outbox-relay/decoder"
 )
 
-// reservedHeaders are the headers the relay sets itself: a header column
-// may not take one of their names (compared case-insensitively, as NATS
-// headers are; CloudEvents' prefixes are reserved too).
-var reservedHeaders = []string{"aggregate_type", "aggregate_id", "occurred_at", "traceparent", "tracestate",
-	"tombstone", "type", "nats-msg-id", "content-type", "dead_letter_reason", "original_routing_key"}
+// reservedHeaders are the headers the relay sets itself that a column
+// could be named (compared case-insensitively, as NATS headers are); the
+// others have a "-" (Nats-Msg-Id, Content-Type, x-outbox-*, Outbox-*),
+// which a plain column name cannot, and CloudEvents' prefixes are checked
+// apart.
+var reservedHeaders = []string{"aggregate_type", "aggregate_id", "occurred_at", "traceparent", "tracestate", "tombstone", "type"}
 
 var columnName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_$]{0,62}$`)
 

@@ -711,7 +711,7 @@ func pgTime(us int64) time.Time {
 
 // parseTimestamptz parses PostgreSQL's ISO timestamptz output,
 // "YYYY-MM-DD HH:MM:SS[.fffffff][+-]HH[:MM[:SS]]", with years of four or
-// more digits. infinity, -infinity and BC dates are rejected. The result is
+// more digits, or a timestamp's without the offset (taken as UTC). infinity, -infinity and BC dates are rejected. The result is
 // in UTC and allocation-free.
 func parseTimestamptz(b []byte) (time.Time, bool) {
 	p := tsParser{b: b}
@@ -762,7 +762,10 @@ func parseTimestamptz(b []byte) (time.Time, bool) {
 	}
 	// Offset east of UTC, in seconds.
 	off := 0
-	if p.lit('Z') {
+	if p.i == len(b) {
+		// No offset: a timestamp without time zone (a column RELAY_COLUMNS
+		// maps), read as UTC.
+	} else if p.lit('Z') {
 		// accepted for robustness; PostgreSQL writes +00
 	} else {
 		var sign int
