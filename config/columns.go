@@ -16,7 +16,10 @@ import (
 // others have a "-" (Nats-Msg-Id, Content-Type, x-outbox-*, Outbox-*),
 // which a plain column name cannot, and CloudEvents' prefixes are checked
 // apart.
-var reservedHeaders = []string{"aggregate_type", "aggregate_id", "occurred_at", "traceparent", "tracestate", "tombstone", "type"}
+var reservedHeaders = []string{"aggregate_type", "aggregate_id", "occurred_at", "traceparent", "tracestate", "tombstone", "type",
+	// RabbitMQ reads CC and BCC as sender-selected routing (arrays of
+	// routing keys) and closes the channel on any other value.
+	"cc", "bcc"}
 
 var columnName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_$]{0,62}$`)
 
@@ -41,8 +44,8 @@ func (c *Config) Columns() (decoder.Columns, error) {
 		switch {
 		case !columnName.MatchString(h):
 			return cols, fmt.Errorf("RELAY_HEADER_COLUMNS: %q is not a plain column name (letters, digits, _ and $, at most 63 bytes)", h)
-		case seen[h]:
-			return cols, fmt.Errorf("RELAY_HEADER_COLUMNS: %q is listed twice", h)
+		case seen[strings.ToLower(h)]:
+			return cols, fmt.Errorf("RELAY_HEADER_COLUMNS: %q is listed twice (header names are compared without case: NATS headers are case-insensitive)", h)
 		case mapped[h] != "":
 			return cols, fmt.Errorf("RELAY_HEADER_COLUMNS: %q is already the %s column (RELAY_COLUMNS)", h, mapped[h])
 		case h == "published_at" || h == "relay_seq":
@@ -56,7 +59,7 @@ func (c *Config) Columns() (decoder.Columns, error) {
 		if l := strings.ToLower(h); strings.HasPrefix(l, "cloudevents_") || strings.HasPrefix(l, "ce_") {
 			return cols, fmt.Errorf("RELAY_HEADER_COLUMNS: %q takes a CloudEvents header prefix", h)
 		}
-		seen[h] = true
+		seen[strings.ToLower(h)] = true
 		cols.Headers = append(cols.Headers, h)
 	}
 	return cols, nil

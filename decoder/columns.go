@@ -106,6 +106,9 @@ func ParseColumns(s string) (Columns, error) {
 		if v == "" && required(k) {
 			return Columns{}, fmt.Errorf("field %q needs a column: it cannot be left out", k)
 		}
+		if v == "published_at" || v == "relay_seq" {
+			return Columns{}, fmt.Errorf("field %q cannot be column %q: the relay keeps that column itself", k, v)
+		}
 		*f = v
 	}
 	names := map[string]string{}

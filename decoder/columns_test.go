@@ -35,6 +35,8 @@ func TestParseColumns(t *testing.T) {
 		"event_type=a,event_type=b": `mapped twice`,
 		"event_type=payload":        `column "payload" is mapped to both`,
 		"debezium,event_type":       `"event_type" is not field=column`,
+		"occurred_at=published_at":  `cannot be column "published_at"`,
+		"aggregate_id=relay_seq":    `cannot be column "relay_seq"`,
 	} {
 		if _, err := ParseColumns(in); err == nil || !strings.Contains(err.Error(), wantErr) {
 			t.Errorf("ParseColumns(%q) error = %v, want it to say %s", in, err, wantErr)
@@ -108,6 +110,9 @@ func TestTraceColumns(t *testing.T) {
 		{testTraceparent, "", testTraceparent, ""},
 		{testTraceparent, "a=1\r\nb=2", testTraceparent, ""},             // not one header value
 		{testTraceparent, strings.Repeat("a", 513), testTraceparent, ""}, // over W3C's 512
+		{testTraceparent, " a=1", testTraceparent, ""},                   // NATS would trim it
+		{testTraceparent, "a=1 ", testTraceparent, ""},
+		{"01" + testTraceparent[2:] + "-x ", "", "", ""},
 		{strings.ToUpper(testTraceparent), "a=1", "", ""},
 		{"00-00000000000000000000000000000000-b7ad6b7169203331-01", "", "", ""},
 		{"00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01", "", "", ""},

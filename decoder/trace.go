@@ -22,12 +22,16 @@ func validTraceparent(s string) bool {
 	if len(s) == 55 {
 		return true
 	}
-	return s[0:2] != "00" && s[55] == '-' && printable(s[55:])
+	return s[0:2] != "00" && s[55] == '-' && printable(s[55:]) && s[len(s)-1] != ' '
+
 }
 
-// validTracestate accepts what may travel as one header value: at most 512
-// bytes of printable ASCII (W3C's limit for propagating it whole).
-func validTracestate(s string) bool { return s != "" && len(s) <= 512 && printable(s) }
+// validTracestate accepts what may travel as one header value on every
+// sink: at most 512 bytes of printable ASCII (W3C's limit for propagating it
+// whole), without white space at its ends (NATS would trim it).
+func validTracestate(s string) bool {
+	return s != "" && len(s) <= 512 && printable(s) && s[0] != ' ' && s[len(s)-1] != ' '
+}
 
 func hex(s string) bool {
 	for i := 0; i < len(s); i++ {
@@ -51,8 +55,8 @@ func printable(s string) bool {
 // parseSpanContext reads Debezium's tracingspancontext, the span context as
 // java.util.Properties text: lines of key=value (or key: value), with
 // comment lines starting # or !. Only traceparent and tracestate are taken,
-// and only when valid. Properties escapes (\:, \=, \uXXXX) are undone for
-// the characters a trace context can hold.
+// and only when valid. A backslash escape (\: or \=) stands for the
+// character after it; a trace context holds no \uXXXX escapes.
 func parseSpanContext(b []byte) (traceparent, tracestate string) {
 	sc := bufio.NewScanner(bytes.NewReader(b))
 	sc.Buffer(make([]byte, 0, 1024), 64<<10)

@@ -43,15 +43,18 @@ type Migration struct {
 const (
 	LayoutDefault  = "default"
 	LayoutDebezium = "debezium"
+	// LayoutExisting adopts a table of the application's own layout: it
+	// must exist, and only the relay's columns are added.
+	LayoutExisting = "existing"
 )
 
 // Target names the objects the migrations create.
 type Target struct {
 	Schema, Table string
 	Publication   string
-	// Layout is LayoutDefault ("" too) or LayoutDebezium.
+	// Layout is LayoutDefault ("" too), LayoutDebezium or LayoutExisting.
 	Layout string
-	// PublishExisting: with LayoutDebezium, rows already in an existing
+	// PublishExisting: with LayoutDebezium or LayoutExisting, rows already in an existing
 	// table are left unpublished for the relay's first sweep, instead of
 	// counting as published (delivered by Debezium).
 	PublishExisting bool
@@ -66,8 +69,8 @@ func ForLayout(layout string) ([]Migration, error) {
 	if layout == "" {
 		layout = LayoutDefault
 	}
-	if layout != LayoutDefault && layout != LayoutDebezium {
-		return nil, fmt.Errorf("unknown table layout %q (known: %s, %s)", layout, LayoutDefault, LayoutDebezium)
+	if layout != LayoutDefault && layout != LayoutDebezium && layout != LayoutExisting {
+		return nil, fmt.Errorf("unknown table layout %q (known: %s, %s, %s)", layout, LayoutDefault, LayoutDebezium, LayoutExisting)
 	}
 	entries, err := fs.Glob(files, "*.sql")
 	if err != nil {

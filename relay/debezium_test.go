@@ -7,12 +7,14 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	amqp "github.com/rabbitmq/amqp091-go"
 
 	"github.com/outbox-relay/outbox-relay/config"
+	"github.com/outbox-relay/outbox-relay/decoder"
 	"github.com/outbox-relay/outbox-relay/migrations"
 )
 
@@ -259,5 +261,51 @@ func TestRowsDeletedInTheirOwnTransaction(t *testing.T) {
 				t.Fatalf("outbox_relay_rows_deleted_before_mark_total = %v, want %d", n, len(ids))
 			}
 		})
+	}
+}
+
+// TestANewSlotForgetsDeletedThrough: deleted_through belongs to one slot's
+// stream. Setting the sweep pending, which precedes every slot creation,
+// clears it: a value restored from another cluster, whose LSNs mean
+// nothing here, would count rows the application deleted as published.
+func TestANewSlotForgetsDeletedThrough(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	r := e.testSession().r
+	read := func() *string {
+		var v *string
+		must(t, e.pool.QueryRow(ctx, `SELECT deleted_through::text FROM outbox_relay_slot_state WHERE slot_name = $1`, e.cfg.Slot).Scan(&v))
+		return v
+	}
+	_, err := e.pool.Exec(ctx, `INSERT INTO outbox_relay_slot_state (slot_name, sweep_pending, deleted_through, deleted_through_event)
+		VALUES ($1, false, 'FF/0', 3)`, e.cfg.Slot)
+	must(t, err)
+	must(t, r.setSweepPending(ctx, false))
+	if v := read(); v == nil || *v != "FF/0" {
+		t.Fatalf("the sweep's end cleared deleted_through: %v", v)
+	}
+	must(t, r.setSweepPending(ctx, true))
+	if v := read(); v != nil {
+		t.Fatalf("deleted_through = %s after a new slot's sweep began, want NULL", *v)
+	}
+}
+
+// TestSettleKeepsOnlyACopyOfTheID: a settled item keeps its id for the
+// marker and the carry, but not the allocation it shares with the event's
+// text fields and header columns, which the in-flight budget no longer
+// counts (6,000 carried ids of 60 kB header columns held 360 MB).
+func TestSettleKeepsOnlyACopyOfTheID(t *testing.T) {
+	cols := decoder.DefaultColumns
+	cols.Headers = []string{"big"}
+	s := func(v string) *string { return &v }
+	ev := decoder.NewLayout(cols).EventFromRow(decoder.Row{ID: s("0b5a1c9e-6f1d-4b43-9d0a-3f2e7c1a8b11"),
+		AggregateType: s("a"), AggregateID: s("b"), EventType: s("c"), Payload: s("{}"), OccurredAt: s("2026-12-02 10:00:00+00"),
+		Headers: []*string{s(strings.Repeat("x", 60<<10))}})
+	it := &item{ev: ev, bytes: eventBytes(&ev)}
+	ss := &session{inflight: newBudget(1 << 20)}
+	ss.inflight.acquire(it.bytes)
+	ss.settle(it)
+	if it.ev.ID != ev.ID || unsafe.StringData(it.ev.ID) == unsafe.StringData(ev.ID) {
+		t.Fatal("the settled item's id still points into the event's text")
 	}
 }

@@ -359,7 +359,9 @@ func (s *session) confirm(ctx context.Context) error {
 func (s *session) settle(it *item) {
 	s.inflight.release(it.bytes)
 	it.bytes = 0
-	it.ev = decoder.Event{ID: it.ev.ID}
+	// A copy: the id shares one allocation with the event's text fields
+	// and header columns, which the budget no longer counts.
+	it.ev = decoder.Event{ID: strings.Clone(it.ev.ID)}
 	it.msg = sink.Message{}
 	it.pending = nil // a NATS ack future keeps the message it published
 }

@@ -232,8 +232,13 @@ func (r *Relay) sweepPending(ctx context.Context) (bool, error) {
 func (r *Relay) setSweepPending(ctx context.Context, pending bool) error {
 	ctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
 	defer cancel()
-	_, err := r.opt.Pool.Exec(ctx, `INSERT INTO `+r.stateTable(slotStateTable)+` (slot_name, sweep_pending) VALUES ($1, $2)
-		ON CONFLICT (slot_name) DO UPDATE SET sweep_pending = excluded.sweep_pending, updated_at = now()`,
+	// A new slot (the sweep is pending before it is created) starts a new
+	// stream: delete mode's deleted_through of the last one, perhaps of
+	// another cluster whose state was restored here, means nothing to it.
+	_, err := r.opt.Pool.Exec(ctx, `INSERT INTO `+r.stateTable(slotStateTable)+` AS s (slot_name, sweep_pending) VALUES ($1, $2)
+		ON CONFLICT (slot_name) DO UPDATE SET sweep_pending = excluded.sweep_pending, updated_at = now(),
+			deleted_through = CASE WHEN excluded.sweep_pending THEN NULL ELSE s.deleted_through END,
+			deleted_through_event = CASE WHEN excluded.sweep_pending THEN NULL ELSE s.deleted_through_event END`,
 		r.cfg.Slot, pending)
 	if err != nil {
 		return classifyPg(fmt.Errorf("write outbox_relay_slot_state (run `outbox-relay migrate`): %w", err))

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -810,5 +811,5 @@ func (s *session) carry(it *item) {
 	if it.fate == fateSkip || it.ev.ID == "" {
 		return
 	}
-	s.r.carried.add(it.ev.ID, 4*s.r.cfg.PublishWindow+4*s.r.cfg.MarkBatchSize)
+	s.r.carried.add(strings.Clone(it.ev.ID), 4*s.r.cfg.PublishWindow+4*s.r.cfg.MarkBatchSize)
 }

@@ -1014,6 +1014,9 @@ func (s *simStore) setSweepPending(ctx context.Context, pending bool) error {
 	}
 	defer s.leave()
 	s.w.pending = pending
+	if pending {
+		s.w.deletedThrough = streamPos{} // a new slot, as the real statement
+	}
 	s.w.step("relay%d.%d sets sweep pending = %v", s.l.relay, s.l.gen, pending)
 	return nil
 }

@@ -264,3 +264,52 @@ func debeziumMigrateRunAndCrash(t *testing.T, mode string) {
 	}
 	t.Logf("Debezium table, %s mode, SIGKILL x2: %d events, 0 lost, %d duplicated, in order on %d aggregates", mode, want, dups, len(last))
 }
+
+// TestMigrateAdoptsATableOfItsOwnLayout: with RELAY_COLUMNS mapping
+// columns, migrate adopts an existing table (only published_at and
+// relay_seq added, its own columns untouched, a timestamp without time
+// zone as the event time), refuses to invent one that does not exist, and
+// the relay then publishes from it.
+func TestMigrateAdoptsATableOfItsOwnLayout(t *testing.T) {
+	e := newRelayEnv(t)
+	conn := e.conn(t)
+	ctx := context.Background()
+	mapping := "id=event_id,aggregate_type=stream,aggregate_id=stream_key,event_type=kind,payload=body,occurred_at=created_at"
+	vars := with(e.vars(), "RELAY_TABLE", "public.app_events", "RELAY_COLUMNS", mapping)
+	if out, all, code := runBin(t, vars, time.Minute, "migrate"); code != 1 || !strings.Contains(all, "table \"public\".\"app_events\" does not exist") {
+		t.Fatalf("migrate without the table exited %d, want 1 naming it:\n%s%s", code, out, all)
+	}
+	if _, err := conn.Exec(ctx, `CREATE TABLE app_events (event_id uuid PRIMARY KEY, stream text NOT NULL, stream_key text NOT NULL,
+		kind text NOT NULL, body jsonb NOT NULL, created_at timestamp NOT NULL DEFAULT (now() AT TIME ZONE 'utc'), note text)`); err != nil {
+		t.Fatal(err)
+	}
+	before := columnsOf(t, conn, "app_events")
+	if _, all, code := runBin(t, vars, time.Minute, "migrate"); code != 0 {
+		t.Fatalf("migrate exited %d:\n%s", code, all)
+	}
+	after := columnsOf(t, conn, "app_events")
+	if strings.Join(after[:len(before)], ", ") != strings.Join(before, ", ") ||
+		strings.Join(after[len(before):], ", ") != "published_at timestamp with time zone, relay_seq bigint" {
+		t.Fatalf("migrate changed the table:\n before %v\n after  %v", before, after)
+	}
+	c := newOrderConsumer(t, e.amqpURL, e.exchange)
+	p := start(t, vars, "run")
+	var id string
+	if err := conn.QueryRow(ctx, `INSERT INTO app_events (event_id, stream, stream_key, kind, body)
+		VALUES (gen_random_uuid(), 'invoice', 'INV-7', 'issued', '{"total": 3}') RETURNING event_id::text`).Scan(&id); err != nil {
+		t.Fatal(err)
+	}
+	if !eventually(30*time.Second, func() bool { c.mu.Lock(); defer c.mu.Unlock(); return c.seen[id] > 0 }) {
+		t.Fatal("the event did not arrive")
+	}
+	p.signal(syscall.SIGTERM)
+	p.wait(30 * time.Second)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	d := c.first[0]
+	occurred, err := time.Parse(time.RFC3339Nano, d.Headers["occurred_at"].(string))
+	if d.Type != "issued" || d.RoutingKey != "invoice.issued" || d.Headers["aggregate_id"] != "INV-7" || err != nil ||
+		time.Since(occurred).Abs() > time.Minute {
+		t.Fatalf("message: type %q key %q headers %v (%v)", d.Type, d.RoutingKey, d.Headers, err)
+	}
+}

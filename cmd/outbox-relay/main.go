@@ -286,11 +286,12 @@ func cmdRun(args []string, stderr io.Writer) int {
 func cmdMigrate(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("migrate", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	layout := fs.String("layout", "", "table layout to create when RELAY_TABLE does not exist: default or debezium "+
-		"(default: debezium when RELAY_COLUMNS starts with the debezium preset). With debezium, an existing table keeps its columns: "+
-		"only published_at, relay_seq, the relay's tables and the publication are added")
-	publishExisting := fs.Bool("publish-existing", false, "with --layout debezium: rows already in the table are published by the relay's first sweep "+
-		"(by default they count as published: Debezium delivered them)")
+	layout := fs.String("layout", "", "table layout: default (the relay's table, created when missing), debezium "+
+		"(Debezium's outbox table, created when missing) or existing (a table of your own, read through RELAY_COLUMNS). "+
+		"Default: debezium when RELAY_COLUMNS starts with the debezium preset, existing when it maps columns, else default. "+
+		"With debezium or existing an existing table keeps its columns: only published_at, relay_seq, the relay's tables and the publication are added")
+	publishExisting := fs.Bool("publish-existing", false, "with --layout debezium or existing: rows already in the table are published by the relay's first sweep "+
+		"(by default they count as published: whatever read the table before delivered them)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -302,21 +303,31 @@ func cmdMigrate(args []string, stdout, stderr io.Writer) int {
 	if !ok {
 		return 2
 	}
-	debeziumColumns := strings.HasPrefix(strings.TrimSpace(cfg.ColumnsSpec), migrations.LayoutDebezium)
+	spec := strings.TrimSpace(cfg.ColumnsSpec)
+	debeziumColumns := strings.HasPrefix(spec, migrations.LayoutDebezium)
 	switch *layout {
 	case "":
-		*layout = migrations.LayoutDefault
-		if debeziumColumns {
+		switch {
+		case debeziumColumns:
 			*layout = migrations.LayoutDebezium
+		case spec != "" && spec != migrations.LayoutDefault:
+			*layout = migrations.LayoutExisting
+		default:
+			*layout = migrations.LayoutDefault
 		}
-	case migrations.LayoutDefault, migrations.LayoutDebezium:
+	case migrations.LayoutDefault, migrations.LayoutDebezium, migrations.LayoutExisting:
 	default:
-		fmt.Fprintf(stderr, "outbox-relay migrate: --layout %q is not one of %s, %s\n", *layout, migrations.LayoutDefault, migrations.LayoutDebezium)
+		fmt.Fprintf(stderr, "outbox-relay migrate: --layout %q is not one of %s, %s, %s\n", *layout,
+			migrations.LayoutDefault, migrations.LayoutDebezium, migrations.LayoutExisting)
 		return 2
 	}
-	if *publishExisting && *layout != migrations.LayoutDebezium {
-		fmt.Fprintln(stderr, "outbox-relay migrate: --publish-existing applies to --layout debezium only (the default layout's rows are unpublished until marked)")
+	if *publishExisting && *layout == migrations.LayoutDefault {
+		fmt.Fprintln(stderr, "outbox-relay migrate: --publish-existing applies to --layout debezium or existing only (the default layout's rows are unpublished until marked)")
 		return 2
+	}
+	if *publishExisting && cfg.TimeColumn() == "" {
+		fmt.Fprintln(stdout, "note: the table has no event-time column (RELAY_COLUMNS occurred_at=): the rows already there have no insert order either, "+
+			"and the first table sweep publishes them in id order, not per aggregate in the order they were written")
 	}
 	ctx, cancel := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer cancel()
