@@ -75,3 +75,7 @@ func columnNames(m *Message, sizes func(h decoder.Header) int, max int) string {
 	}
 	return b.String()
 }
+
+// ceEmptyType is why an event without an event_type is dead-lettered when
+// CloudEvents are on: the type attribute must not be empty.
+const ceEmptyType = "event_type is empty; a CloudEvent's type must not be (RELAY_CLOUDEVENTS=binary)"

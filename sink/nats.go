@@ -385,6 +385,9 @@ func cePercentEncode(v string) string {
 // max_payload (which would close the connection), the stream's
 // max_msg_size or MaxMessageBytes.
 func (n *NATS) Reject(m *Message) string {
+	if n.cfg.CloudEvents && m.Type == "" {
+		return ceEmptyType
+	}
 	if reason := ValidSubject(m.Key); reason != "" {
 		return reason
 	}

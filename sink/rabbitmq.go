@@ -235,6 +235,9 @@ func (r *RabbitMQ) closedErr() error {
 // connection whose content header exceeds frame_max). The relay sends these
 // to the dead-letter exchange instead.
 func (r *RabbitMQ) Reject(m *Message) string {
+	if r.cfg.CloudEvents && m.Type == "" {
+		return ceEmptyType
+	}
 	for _, f := range []struct{ name, v string }{
 		{"routing key", m.Key}, {"event_type (the type property)", m.Type}, {"id (the message_id property)", m.ID},
 	} {
