@@ -331,7 +331,7 @@ func TestCloudEventsRefuseAnEmptyType(t *testing.T) {
 	m := &Message{ID: "0b5a1c9e-6f1d-4b43-9d0a-3f2e7c1a8b11", Key: "order", AggregateType: "order", Body: []byte(`{}`)}
 	for _, ce := range []bool{false, true} {
 		r := &RabbitMQ{cfg: RabbitMQConfig{CloudEvents: ce, CloudEventsSource: "s"}}
-		n := &NATS{cfg: NATSConfig{CloudEvents: ce, CloudEventsSource: "s"}}
+		n := &NATS{cfg: NATSConfig{CloudEvents: ce, CloudEventsSource: "s"}, maxPayload: 1 << 20}
 		for name, got := range map[string]string{"RabbitMQ": r.Reject(m), "NATS": n.Reject(m)} {
 			if ce && got != ceEmptyType || !ce && got != "" {
 				t.Errorf("%s, CloudEvents %v: Reject = %q", name, ce, got)
