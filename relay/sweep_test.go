@@ -342,11 +342,13 @@ func TestSweepTakesPre004RowsFirst(t *testing.T) {
 	r.stop(t)
 }
 
-// TestLosingTheOwnerLockMidSweep (invariants 10, 2): when the ownership
+// TestLosingTheOwnerLockMidSweep (invariants 10, 2, 4): when the ownership
 // lock's session ends during the table sweep, a standby could now take the
-// lock and sweep the inactive slot, so the session ends at once, without
-// recording the sweep as done; the next one sweeps again and nothing is
-// lost.
+// lock and sweep the inactive slot, so the session halts at once (reads
+// and publishes nothing more), without recording the sweep as done; the
+// next one sweeps again and nothing is lost. What was in flight is
+// confirmed and carried, not published again: cancelling the pipeline
+// instead published it twice.
 func TestLosingTheOwnerLockMidSweep(t *testing.T) {
 	e := newEnv(t)
 	e.keep = false
@@ -369,10 +371,16 @@ func TestLosingTheOwnerLockMidSweep(t *testing.T) {
 	waitFor(t, 60*time.Second, "every row marked", func() bool { return e.unpublished() == 0 })
 	r.stop(t)
 	e.mu.Lock()
-	distinct := len(e.ids)
+	distinct, total := len(e.ids), 0
+	for _, c := range e.ids {
+		total += c
+	}
 	e.mu.Unlock()
 	if distinct != n {
 		t.Fatalf("%d distinct events received, want %d", distinct, n)
+	}
+	if total != n {
+		t.Fatalf("%d deliveries of %d events: what the halted sweep had in flight was published again", total, n)
 	}
 	if e.sweepPendingState() {
 		t.Fatal("the sweep is still recorded as pending")
