@@ -35,7 +35,7 @@
 // A failure on the broker's side cancels the pipeline: what was not
 // confirmed is published again by the next session. A failure on the
 // database's side (the stream, a mark, the replay check) or the ownership
-// lock lost while streaming halts the session instead (session.halt): the
+// lock lost (while sweeping or streaming) halts the session instead (session.halt): the
 // reader stops, the publisher publishes nothing more of what was read (the
 // next session reads it again), and what was published is confirmed (for
 // up to 5 s) and carried to the next session, which only marks it. A
