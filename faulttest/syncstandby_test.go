@@ -23,14 +23,16 @@ type cluster struct {
 	t                 *testing.T
 	script, dir       string
 	primary, standbyP int
+	env               []string // more for cluster.sh (SYNC=on)
 }
 
-func startCluster(t *testing.T) *cluster {
+// startCluster starts the pair; env is passed on to cluster.sh.
+func startCluster(t *testing.T, env ...string) *cluster {
 	t.Helper()
 	script, err := filepath.Abs(filepath.Join("..", "scripts", "cluster.sh"))
 	must(t, err)
 	ports := freePorts(t, 2)
-	c := &cluster{t: t, script: script, primary: ports[0], standbyP: ports[1],
+	c := &cluster{t: t, script: script, primary: ports[0], standbyP: ports[1], env: env,
 		dir: fmt.Sprintf("/tmp/outbox-relay-cluster-%d-%d", os.Getpid(), time.Now().UnixNano())}
 	t.Cleanup(func() {
 		if out, err := c.exec("pg-down"); err != nil {
@@ -58,7 +60,7 @@ func (c *cluster) exec(sub string) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "bash", c.script, sub, c.dir)
-	cmd.Env = append(os.Environ(), "PRIMARY_PORT="+strconv.Itoa(c.primary), "STANDBY_PORT="+strconv.Itoa(c.standbyP))
+	cmd.Env = append(append(os.Environ(), "PRIMARY_PORT="+strconv.Itoa(c.primary), "STANDBY_PORT="+strconv.Itoa(c.standbyP)), c.env...)
 	return cmd.CombinedOutput()
 }
 
