@@ -235,8 +235,19 @@ func (c *Config) Validate() error {
 	errs := []error{c.validateDatabase()}
 	switch c.Sink {
 	case SinkRabbitMQ, "": // "": a Config built in code, as tests do
-		if u, err := url.Parse(c.AMQPURL); err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") || u.Host == "" {
+		urls := c.AMQPURLs()
+		if len(urls) == 0 {
 			errs = append(errs, errors.New("RELAY_AMQP_URL must be an amqp:// or amqps:// URL with a host"))
+		}
+		for i, raw := range urls {
+			if u, err := url.Parse(raw); err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") || u.Host == "" {
+				if len(urls) == 1 {
+					errs = append(errs, errors.New("RELAY_AMQP_URL must be an amqp:// or amqps:// URL with a host"))
+				} else {
+					// Its position, not its text, which may hold a password.
+					errs = append(errs, fmt.Errorf("RELAY_AMQP_URL: node URL %d of %d must be an amqp:// or amqps:// URL with a host", i+1, len(urls)))
+				}
+			}
 		}
 		if c.Exchange == "" {
 			errs = append(errs, errors.New("RELAY_EXCHANGE must not be empty"))
@@ -326,6 +337,27 @@ func SplitTable(s string) (schema, table string, err error) {
 		return parts[0], parts[1], nil
 	}
 	return "", "", fmt.Errorf("%q is not a table name of the form schema.table", s)
+}
+
+// AMQPURLs is RELAY_AMQP_URL split at commas: one URL per RabbitMQ node of
+// a cluster, or a single URL.
+func (c *Config) AMQPURLs() []string {
+	var out []string
+	for _, u := range strings.Split(c.AMQPURL, ",") {
+		if u = strings.TrimSpace(u); u != "" {
+			out = append(out, u)
+		}
+	}
+	return out
+}
+
+// RedactList is Redact for each URL of a comma-separated list.
+func RedactList(raw string) string {
+	parts := strings.Split(raw, ",")
+	for i, p := range parts {
+		parts[i] = Redact(strings.TrimSpace(p))
+	}
+	return strings.Join(parts, ",")
 }
 
 // Redact returns a URL with its password replaced, for logs and errors.

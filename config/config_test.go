@@ -135,3 +135,31 @@ func BenchmarkRoutingKey(b *testing.B) {
 		_ = k.Render("order", "created", "5f0c7c1e-0000-4000-8000-000000000001")
 	}
 }
+
+func TestAMQPURLList(t *testing.T) {
+	c := Config{AMQPURL: " amqp://u:s3cret@127.0.0.1:5681/ , amqp://u:s3cret@127.0.0.1:5682/,"}
+	if got := c.AMQPURLs(); len(got) != 2 || got[0] != "amqp://u:s3cret@127.0.0.1:5681/" || got[1] != "amqp://u:s3cret@127.0.0.1:5682/" {
+		t.Fatalf("AMQPURLs = %q", got)
+	}
+	if got := RedactList(c.AMQPURL); strings.Contains(got, "s3cret") || strings.Count(got, "xxxxx") != 2 {
+		t.Fatalf("RedactList = %q", got)
+	}
+	for _, tc := range []struct{ url, want string }{
+		{"amqp://u:s3cret@h1:5681/,http://u:s3cret@h2/", "RELAY_AMQP_URL: node URL 2 of 2 must be"},
+		{"amqp://u:s3cret@h1:5681/,amqp://u:s3cret@h2/", ""},
+		{",", "RELAY_AMQP_URL must be an amqp:// or amqps:// URL"},
+	} {
+		c := Config{AMQPURL: tc.url}
+		err := c.Validate()
+		msg := ""
+		if err != nil {
+			msg = err.Error()
+		}
+		if strings.Contains(msg, "s3cret") {
+			t.Errorf("%q: the error shows the password: %s", tc.url, msg)
+		}
+		if tc.want == "" && strings.Contains(msg, "RELAY_AMQP_URL") || tc.want != "" && !strings.Contains(msg, tc.want) {
+			t.Errorf("%q: error %q, want it to say %q", tc.url, msg, tc.want)
+		}
+	}
+}

@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math/rand/v2"
 	"net"
+	"net/url"
 	"sort"
 	"strings"
 	"sync"
@@ -21,7 +23,10 @@ import (
 
 // RabbitMQConfig configures the RabbitMQ publisher.
 type RabbitMQConfig struct {
-	URL                string
+	URL string // one node; ignored when Nodes is set
+	// Nodes are a cluster's node URLs, shared by every dial of one relay
+	// (NewNodes); nil dials URL alone.
+	Nodes              *Nodes
 	Exchange           string // durable topic exchange, declared if missing
 	DeadLetterExchange string // durable fanout exchange with a queue of the same name
 	MaxMessageBytes    int
@@ -41,9 +46,46 @@ type RabbitMQConfig struct {
 	CloudEventsSource string
 }
 
+// Nodes is the list of a RabbitMQ cluster's node URLs. A dial tries them
+// in turn from where the last one left off: the first dial starts at a
+// random node, and each later one (a new session, after a lost
+// connection) starts at the node after the one the last connection was
+// on, so a relay moves on from a node that failed it.
+type Nodes struct {
+	urls []string
+	next atomic.Int64
+}
+
+// NewNodes returns the list, its first dial starting at a random node.
+func NewNodes(urls []string) *Nodes {
+	n := &Nodes{urls: urls}
+	if len(urls) > 1 {
+		n.next.Store(rand.Int64N(int64(len(urls))))
+	}
+	return n
+}
+
+// NodeAddr is a node URL's host:port, the name the relay logs it by (never
+// its credentials).
+func NodeAddr(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" {
+		return "(unparsable URL)"
+	}
+	if u.Port() == "" {
+		port := "5672"
+		if u.Scheme == "amqps" {
+			port = "5671"
+		}
+		return net.JoinHostPort(u.Hostname(), port)
+	}
+	return u.Host
+}
+
 // RabbitMQ publishes with confirms on one channel.
 type RabbitMQ struct {
 	cfg     RabbitMQConfig
+	node    string // host:port of the node this connection is on
 	conn    *amqp.Connection
 	wire    *coalescingConn
 	ch      *amqp.Channel
@@ -78,12 +120,39 @@ func DialRabbitMQ(ctx context.Context, cfg RabbitMQConfig) (*RabbitMQ, error) {
 	}
 	props := amqp.NewConnectionProperties()
 	props.SetClientConnectionName(cfg.ConnectionName)
-	conn, wire, err := dial(ctx, cfg, props)
-	if err != nil {
-		return nil, err
+	nodes := cfg.Nodes
+	if nodes == nil || len(nodes.urls) == 0 {
+		nodes = &Nodes{urls: []string{cfg.URL}}
+	}
+	var (
+		conn *amqp.Connection
+		wire *coalescingConn
+		node string
+		errs []error
+	)
+	start := int(nodes.next.Load())
+	for k := range nodes.urls {
+		i := (start + k) % len(nodes.urls)
+		var err error
+		node = NodeAddr(nodes.urls[i])
+		if conn, wire, err = dial(ctx, cfg, nodes.urls[i], props); err == nil {
+			nodes.next.Store(int64((i + 1) % len(nodes.urls)))
+			break
+		}
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		errs = append(errs, fmt.Errorf("node %s: %w", node, err))
+	}
+	if conn == nil {
+		if len(errs) == 1 {
+			return nil, errs[0]
+		}
+		return nil, fmt.Errorf("no RabbitMQ node of %d answered: %w", len(errs), errors.Join(errs...))
 	}
 	r := &RabbitMQ{
 		cfg:      cfg,
+		node:     node,
 		conn:     conn,
 		wire:     wire,
 		returns:  make(chan amqp.Return, 1024),
@@ -98,7 +167,10 @@ func DialRabbitMQ(ctx context.Context, cfg RabbitMQConfig) (*RabbitMQ, error) {
 	return r, nil
 }
 
-func dial(ctx context.Context, cfg RabbitMQConfig, props amqp.Table) (*amqp.Connection, *coalescingConn, error) {
+// Node is the host:port of the node the connection is on.
+func (r *RabbitMQ) Node() string { return r.node }
+
+func dial(ctx context.Context, cfg RabbitMQConfig, rawURL string, props amqp.Table) (*amqp.Connection, *coalescingConn, error) {
 	type result struct {
 		conn *amqp.Connection
 		wire *coalescingConn
@@ -108,7 +180,7 @@ func dial(ctx context.Context, cfg RabbitMQConfig, props amqp.Table) (*amqp.Conn
 	go func() {
 		var wire *coalescingConn
 		tcp := amqp.DefaultDial(15 * time.Second)
-		c, err := amqp.DialConfig(cfg.URL, amqp.Config{
+		c, err := amqp.DialConfig(rawURL, amqp.Config{
 			Heartbeat:       cfg.Heartbeat,
 			Locale:          "en_US",
 			Properties:      props,

@@ -584,3 +584,75 @@ func TestRabbitMQHeaderColumnsAtTheFrameMaxBoundary(t *testing.T) {
 		t.Fatalf("3000 header columns: the contract's headers did not survive: %v", d.Headers["aggregate_id"])
 	}
 }
+
+// TestRabbitMQNodesRotate: with a list of nodes where only one answers, a
+// dial reaches it whichever node the list starts at, says which node it
+// is on, and the next dial starts after that node. With none answering
+// the error names each node and never a password.
+func TestRabbitMQNodesRotate(t *testing.T) {
+	rt := newRabbitTest(t)
+	dead := func() string {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := l.Addr().String()
+		l.Close() // refused from now on
+		return addr
+	}
+	d1, d2 := dead(), dead()
+	live := rt.cfg.URL
+	u, err := url.Parse(live)
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadURL := func(addr string) string {
+		v := *u
+		v.Host = addr
+		v.User = url.UserPassword("guest", "s3cret")
+		return v.String()
+	}
+	nodes := &Nodes{urls: []string{deadURL(d1), live, deadURL(d2)}}
+	cfg := rt.cfg
+	cfg.Nodes = nodes
+	for start := range 3 {
+		nodes.next.Store(int64(start))
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+		r, err := DialRabbitMQ(ctx, cfg)
+		cancel()
+		if err != nil {
+			t.Fatalf("start %d: %v", start, err)
+		}
+		if r.Node() != NodeAddr(live) {
+			t.Errorf("start %d: on node %s, want %s", start, r.Node(), NodeAddr(live))
+		}
+		if got := nodes.next.Load(); got != 2 {
+			t.Errorf("start %d: the next dial starts at node %d, want 2 (after the live one)", start, got)
+		}
+		r.Close()
+	}
+	cfg.Nodes = &Nodes{urls: []string{deadURL(d1), deadURL(d2)}}
+	_, err = DialRabbitMQ(context.Background(), cfg)
+	if err == nil {
+		t.Fatal("dialled with no node answering")
+	}
+	for _, want := range []string{"no RabbitMQ node of 2 answered", d1, d2} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not say %q", err, want)
+		}
+	}
+	if strings.Contains(err.Error(), "s3cret") {
+		t.Errorf("error shows the password: %s", err)
+	}
+	if NodeAddr("amqps://u:p@h") != "h:5671" || NodeAddr("amqp://h") != "h:5672" {
+		t.Errorf("NodeAddr defaults: %s %s", NodeAddr("amqps://u:p@h"), NodeAddr("amqp://h"))
+	}
+	// A fresh list of several starts somewhere in it.
+	seen := map[int64]bool{}
+	for range 200 {
+		seen[NewNodes([]string{"a", "b", "c"}).next.Load()] = true
+	}
+	if len(seen) != 3 {
+		t.Errorf("NewNodes started at %d of 3 nodes in 200 tries", len(seen))
+	}
+}

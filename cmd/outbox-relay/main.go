@@ -168,7 +168,7 @@ func cmdRun(args []string, stderr io.Writer) int {
 	}()
 
 	log.Info().Str("version", versionString()).
-		Str("database", config.Redact(cfg.DatabaseURL)).Str("sink", cfg.Sink).Str("amqp", config.Redact(cfg.AMQPURL)).
+		Str("database", config.Redact(cfg.DatabaseURL)).Str("sink", cfg.Sink).Str("amqp", config.RedactList(cfg.AMQPURL)).
 		Str("slot", cfg.Slot).Str("publication", cfg.Publication).Str("table", cfg.Table).
 		Str("exchange", cfg.Exchange).Int("gomaxprocs", procs).Msg("starting outbox-relay")
 
@@ -230,6 +230,9 @@ func cmdRun(args []string, stderr io.Writer) int {
 	} else {
 		log.Info().Msg("tracing off: no OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
 	}
+	// One list for every session: each dial after a lost connection
+	// starts at the next node.
+	amqpNodes := sink.NewNodes(cfg.AMQPURLs())
 	var dialNATS func(context.Context) (sink.Publisher, error)
 	if cfg.Sink == config.SinkNATS {
 		if dialNATS, err = natsPublisher(cfg); err != nil {
@@ -248,8 +251,8 @@ func cmdRun(args []string, stderr io.Writer) int {
 			if dialNATS != nil {
 				return dialNATS(ctx)
 			}
-			return sink.DialRabbitMQ(ctx, sink.RabbitMQConfig{
-				URL:                cfg.AMQPURL,
+			p, err := sink.DialRabbitMQ(ctx, sink.RabbitMQConfig{
+				Nodes:              amqpNodes,
 				Exchange:           cfg.Exchange,
 				DeadLetterExchange: cfg.DeadLetterExchange,
 				MaxMessageBytes:    cfg.MaxMessageBytes,
@@ -269,6 +272,11 @@ func cmdRun(args []string, stderr io.Writer) int {
 					}
 				},
 			})
+			if err != nil {
+				return nil, err
+			}
+			log.Info().Str("node", p.Node()).Msg("connected to RabbitMQ node")
+			return p, nil
 		},
 	})
 	if err != nil {
