@@ -180,11 +180,18 @@ func dial(ctx context.Context, cfg RabbitMQConfig, rawURL string, props amqp.Tab
 	go func() {
 		var wire *coalescingConn
 		tcp := amqp.DefaultDial(15 * time.Second)
+		// A copy for each dial: amqp091 writes the URL's host into an
+		// empty ServerName, which would check every later node of the
+		// list against the first one's name.
+		tlsCfg := cfg.TLS
+		if tlsCfg != nil {
+			tlsCfg = tlsCfg.Clone()
+		}
 		c, err := amqp.DialConfig(rawURL, amqp.Config{
 			Heartbeat:       cfg.Heartbeat,
 			Locale:          "en_US",
 			Properties:      props,
-			TLSClientConfig: cfg.TLS,
+			TLSClientConfig: tlsCfg,
 			// Below TLS, if any: held writes become one TCP write.
 			Dial: func(network, addr string) (net.Conn, error) {
 				c, err := tcp(network, addr)

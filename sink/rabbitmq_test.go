@@ -2,6 +2,7 @@ package sink
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -654,5 +655,35 @@ func TestRabbitMQNodesRotate(t *testing.T) {
 	}
 	if len(seen) != 3 {
 		t.Errorf("NewNodes started at %d of 3 nodes in 200 tries", len(seen))
+	}
+}
+
+// TestRabbitMQDialLeavesTheTLSConfigAlone: amqp091 fills an empty
+// ServerName with the URL's host. Were the relay's one TLS config handed
+// to it, every node after the first would be checked against the first
+// node's name.
+func TestRabbitMQDialLeavesTheTLSConfigAlone(t *testing.T) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			c.Close() // no TLS handshake: the dial fails
+		}
+	}()
+	shared := &tls.Config{}
+	cfg := RabbitMQConfig{Exchange: "x", DeadLetterExchange: "y", TLS: shared,
+		Nodes: &Nodes{urls: []string{"amqps://" + l.Addr().String() + "/", "amqps://localhost:1/"}}}
+	if _, err := DialRabbitMQ(context.Background(), cfg); err == nil {
+		t.Fatal("dialled a listener that speaks no TLS")
+	}
+	if shared.ServerName != "" {
+		t.Fatalf("the dial set the shared TLS config's ServerName to %q", shared.ServerName)
 	}
 }
