@@ -341,21 +341,34 @@ func SplitTable(s string) (schema, table string, err error) {
 
 // AMQPURLs is RELAY_AMQP_URL split at commas: one URL per RabbitMQ node of
 // a cluster, or a single URL.
-func (c *Config) AMQPURLs() []string {
+func (c *Config) AMQPURLs() []string { return splitURLList(c.AMQPURL) }
+
+// splitURLList splits a comma-separated list of URLs. A piece without
+// "://" belongs to the URL before it, so that a password with a comma
+// (legal unescaped in a URL's userinfo) keeps its URL whole.
+func splitURLList(raw string) []string {
 	var out []string
-	for _, u := range strings.Split(c.AMQPURL, ",") {
-		if u = strings.TrimSpace(u); u != "" {
-			out = append(out, u)
+	for _, p := range strings.Split(raw, ",") {
+		if len(out) > 0 && !strings.Contains(p, "://") {
+			out[len(out)-1] += "," + p
+			continue
+		}
+		out = append(out, p)
+	}
+	kept := out[:0]
+	for _, u := range out {
+		if u = strings.TrimSpace(strings.TrimRight(strings.TrimSpace(u), ",")); u != "" {
+			kept = append(kept, u)
 		}
 	}
-	return out
+	return kept
 }
 
 // RedactList is Redact for each URL of a comma-separated list.
 func RedactList(raw string) string {
-	parts := strings.Split(raw, ",")
+	parts := splitURLList(raw)
 	for i, p := range parts {
-		parts[i] = Redact(strings.TrimSpace(p))
+		parts[i] = Redact(p)
 	}
 	return strings.Join(parts, ",")
 }

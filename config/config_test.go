@@ -144,6 +144,17 @@ func TestAMQPURLList(t *testing.T) {
 	if got := RedactList(c.AMQPURL); strings.Contains(got, "s3cret") || strings.Count(got, "xxxxx") != 2 {
 		t.Fatalf("RedactList = %q", got)
 	}
+	// A comma in a password is legal unescaped in a URL's userinfo.
+	comma := Config{AMQPURL: "amqp://u:s3,cr,et@127.0.0.1:5681/,amqp://u:pw@127.0.0.1:5682/"}
+	if got := comma.AMQPURLs(); len(got) != 2 || got[0] != "amqp://u:s3,cr,et@127.0.0.1:5681/" {
+		t.Fatalf("AMQPURLs with a comma in a password = %q", got)
+	}
+	if got := RedactList(comma.AMQPURL); strings.Contains(got, "s3") || strings.Contains(got, "cr") {
+		t.Fatalf("RedactList with a comma in a password = %q", got)
+	}
+	if err := comma.Validate(); err != nil && strings.Contains(err.Error(), "RELAY_AMQP_URL") {
+		t.Fatalf("a password with commas: %v", err)
+	}
 	for _, tc := range []struct{ url, want string }{
 		{"amqp://u:s3cret@h1:5681/,http://u:s3cret@h2/", "RELAY_AMQP_URL: node URL 2 of 2 must be"},
 		{"amqp://u:s3cret@h1:5681/,amqp://u:s3cret@h2/", ""},
