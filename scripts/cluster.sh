@@ -25,10 +25,12 @@
 # (/tmp/outbox-relay-clusters); the PostgreSQL pair is DIR=$CLUSTER_DIR/pg.
 # Other commands take DIR, created if missing and handed to the postgres
 # user; everything those clusters write (data, sockets, logs) stays under it.
-# Environment: PRIMARY_PORT (55432; 5441 for up), STANDBY_PORT (55433; 5442
-# for up), STANDBY_NAME (standby1: the standby's application_name in
-# primary_conninfo), SYNC (up sets it: name the standby in the primary's
-# synchronous_standby_names), PG_BIN, RABBIT_PORTS ("5681 5682 5683").
+# Environment: PRIMARY_PORT (55432), STANDBY_PORT (55433), for the commands
+# that take DIR; PRIMARY_PORT_UP (5441), STANDBY_PORT_UP (5442), for up;
+# STANDBY_NAME (standby1: the standby's application_name in
+# primary_conninfo); SYNC (non-empty: pg-up names the standby in the
+# primary's synchronous_standby_names, as up always does); PG_BIN;
+# RABBIT_PORTS ("5681 5682 5683"); CLUSTER_DIR.
 # The servers run as the postgres and rabbitmq users; run this as root.
 set -euo pipefail
 
@@ -42,7 +44,7 @@ RABBIT_PORTS="${RABBIT_PORTS:-5681 5682 5683}"
 SYNC="${SYNC:-}"
 
 usage() {
-	sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//' >&2
+	sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//' >&2
 	exit 2
 }
 
