@@ -55,8 +55,7 @@ type world struct {
 	exchange string
 	dlx      string
 	queue    string
-	env      []string   // RELAY_* for the relay
-	qargs    amqp.Table // the test queue's arguments (x-queue-type)
+	env      []string // RELAY_* for the relay
 
 	mu    sync.Mutex
 	seen  map[string]int // message id -> first deliveries (redeliveries not counted)
@@ -73,15 +72,7 @@ func newWorld(t *testing.T) *world {
 // own).
 func newWorldAt(t *testing.T, dbURL string) *world {
 	t.Helper()
-	return newWorldOn(t, dbURL, testenv.AMQP(t), nil)
-}
-
-// newWorldOn is newWorldAt on RabbitMQ nodes of the test's own (amqpURL
-// may list several, comma-separated), with a test queue declared with
-// qargs.
-func newWorldOn(t *testing.T, dbURL, amqpURL string, qargs amqp.Table) *world {
-	t.Helper()
-	w := &world{t: t, dbURL: dbURL, amqpURL: amqpURL, qargs: qargs, seen: map[string]int{}}
+	w := &world{t: t, dbURL: dbURL, amqpURL: testenv.AMQP(t), seen: map[string]int{}}
 	w.slot = testenv.Slot(t, w.dbURL)
 	w.exchange, w.dlx, w.queue = testenv.Name(t, "ex"), testenv.Name(t, "dlx"), testenv.Name(t, "q")
 	ctx := context.Background()
@@ -108,7 +99,7 @@ func newWorldOn(t *testing.T, dbURL, amqpURL string, qargs amqp.Table) *world {
 		"RELAY_BACKOFF_MAX=2s",
 	}
 	t.Cleanup(func() {
-		if c, err := w.dialAny(); err == nil {
+		if c, err := amqp.Dial(w.amqpURL); err == nil {
 			if ch, err := c.Channel(); err == nil {
 				_, _ = ch.QueueDelete(w.queue, false, false, false)
 				_, _ = ch.QueueDelete(w.dlx, false, false, false)
@@ -122,18 +113,6 @@ func newWorldOn(t *testing.T, dbURL, amqpURL string, qargs amqp.Table) *world {
 	// would declare its durable queue again.
 	w.consume()
 	return w
-}
-
-// dialAny connects to the first of the world's RabbitMQ nodes that answers.
-func (w *world) dialAny() (*amqp.Connection, error) {
-	var err error
-	for _, u := range strings.Split(w.amqpURL, ",") {
-		var c *amqp.Connection
-		if c, err = amqp.Dial(u); err == nil {
-			return c, nil
-		}
-	}
-	return nil, err
 }
 
 func must(t testing.TB, err error) {
@@ -158,7 +137,7 @@ func (w *world) consume() {
 				return
 			default:
 			}
-			c, err := w.dialAny()
+			c, err := amqp.Dial(w.amqpURL)
 			if err != nil {
 				time.Sleep(200 * time.Millisecond)
 				continue
@@ -168,7 +147,7 @@ func (w *world) consume() {
 				err = ch.ExchangeDeclare(w.exchange, "topic", true, false, false, false, nil)
 			}
 			if err == nil {
-				_, err = ch.QueueDeclare(w.queue, true, false, false, false, w.qargs)
+				_, err = ch.QueueDeclare(w.queue, true, false, false, false, nil)
 			}
 			if err == nil {
 				err = ch.QueueBind(w.queue, "#", w.exchange, false, nil)

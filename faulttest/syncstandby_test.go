@@ -23,16 +23,14 @@ type cluster struct {
 	t                 *testing.T
 	script, dir       string
 	primary, standbyP int
-	env               []string // more for cluster.sh (SYNC=on)
 }
 
-// startCluster starts the pair; env is passed on to cluster.sh.
-func startCluster(t *testing.T, env ...string) *cluster {
+func startCluster(t *testing.T) *cluster {
 	t.Helper()
 	script, err := filepath.Abs(filepath.Join("..", "scripts", "cluster.sh"))
 	must(t, err)
 	ports := freePorts(t, 2)
-	c := &cluster{t: t, script: script, primary: ports[0], standbyP: ports[1], env: env,
+	c := &cluster{t: t, script: script, primary: ports[0], standbyP: ports[1],
 		dir: fmt.Sprintf("/tmp/outbox-relay-cluster-%d-%d", os.Getpid(), time.Now().UnixNano())}
 	t.Cleanup(func() {
 		if out, err := c.exec("pg-down"); err != nil {
@@ -60,7 +58,7 @@ func (c *cluster) exec(sub string) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "bash", c.script, sub, c.dir)
-	cmd.Env = append(append(os.Environ(), "PRIMARY_PORT="+strconv.Itoa(c.primary), "STANDBY_PORT="+strconv.Itoa(c.standbyP)), c.env...)
+	cmd.Env = append(os.Environ(), "PRIMARY_PORT="+strconv.Itoa(c.primary), "STANDBY_PORT="+strconv.Itoa(c.standbyP))
 	return cmd.CombinedOutput()
 }
 
