@@ -112,6 +112,10 @@ type Config struct {
 	// does not warn about being a synchronous standby, and it always answers
 	// the server at once when its acknowledged position moves.
 	SyncPublish bool `env:"RELAY_SYNC_PUBLISH" envDefault:"false"`
+	// WaitForSyncStandby: with synchronous_standby_names set, a streamed
+	// event is published only once the synchronous standbys have its
+	// commit, so that a failover cannot leave an event whose row is gone.
+	WaitForSyncStandby bool `env:"RELAY_WAIT_FOR_SYNC_STANDBY" envDefault:"true"`
 	// MaxMessageBytes: bigger payloads are dead-lettered, never published.
 	MaxMessageBytes int `env:"RELAY_MAX_MESSAGE_BYTES" envDefault:"16777216"`
 

@@ -54,6 +54,10 @@
 --                       is a synchronous standby. Without it the relay
 --                       assumes it may be whenever synchronous_standby_names
 --                       is '*' or names it (GRANT pg_monitor TO outbox_relay).
+--   EXECUTE on pg_logical_emit_message  PUBLIC has it by default; the
+--                       relay's barrier with synchronous standbys
+--                       (RELAY_WAIT_FOR_SYNC_STANDBY) and the heartbeat use it.
+--                       If a DBA revoked it, GRANT it to the relay's role.
 -- Nothing else: no CREATE anywhere, no ownership, no superuser. The relay
 -- checks the publication exists and includes the table (pg_publication is
 -- readable by everyone); it never creates or alters it.

@@ -31,6 +31,7 @@ type Metrics struct {
 	ReceivedLSN           prometheus.Gauge
 	ServerWALEnd          prometheus.Gauge
 	ConfirmSeconds        prometheus.Histogram
+	StandbyWaitSeconds    prometheus.Histogram
 	DeliverySeconds       prometheus.Histogram
 	MarkSeconds           prometheus.Histogram
 	StreamDelay           prometheus.Histogram
@@ -85,6 +86,9 @@ func New() *Metrics {
 		Help: "The server's WAL end as last reported on the stream."})
 	m.ConfirmSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "outbox_relay_publish_confirm_seconds",
 		Help: "Time from publish to the broker's confirm.", Buckets: prometheus.ExponentialBuckets(0.0001, 2.5, 14)})
+	m.StandbyWaitSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "outbox_relay_sync_standby_wait_seconds",
+		Help:    "Time a batch of streamed events waited for the synchronous standbys to confirm their commits before it was published (RELAY_WAIT_FOR_SYNC_STANDBY).",
+		Buckets: prometheus.ExponentialBuckets(0.0001, 2.5, 14)})
 	m.DeliverySeconds = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "outbox_relay_event_delivery_seconds",
 		Help: "Time from occurred_at to the broker's confirm.", Buckets: prometheus.ExponentialBuckets(0.0005, 2.5, 16)})
 	m.MarkSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "outbox_relay_mark_seconds",
@@ -121,7 +125,7 @@ func New() *Metrics {
 		Help: "Confirmed events recorded in outbox_relay_confirmed because their rows were not yet visible to mark " +
 			"(their commit waited, e.g. for a synchronous standby)."})
 	for _, c := range []prometheus.Collector{m.BrokerBlocked, blockedSeconds, m.SyncStandby, m.EventsRecorded, m.EventsPublished, m.EventsSkipped, m.RowsDeletedBeforeMark, m.DeadLettered, m.ReplicationLag,
-		m.AckedLSN, m.ReceivedLSN, m.ServerWALEnd, m.ConfirmSeconds, m.DeliverySeconds, m.MarkSeconds, m.StreamDelay, m.Reconnects,
+		m.AckedLSN, m.ReceivedLSN, m.ServerWALEnd, m.ConfirmSeconds, m.StandbyWaitSeconds, m.DeliverySeconds, m.MarkSeconds, m.StreamDelay, m.Reconnects,
 		m.Retries, m.Standby, m.SweptEvents, m.SlotWALRetained, m.SlotSafeWAL, m.Unpublished, m.OldestUnpublishd} {
 		f(c)
 	}

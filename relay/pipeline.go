@@ -88,6 +88,20 @@ func (s *session) publish(ctx context.Context) error {
 			}
 		}
 		for i, it := range batch {
+			if s.needsBarrier(it, time.Now()) {
+				// Publishes already held go out first; this one waits
+				// until the synchronous standbys have its commit.
+				if err := flush(); err != nil {
+					return err
+				}
+				if err := s.awaitStandbys(ctx, it); err != nil {
+					if ctx.Err() != nil {
+						return ctx.Err()
+					}
+					s.halt(err)
+					return s.discard(ctx, batch[i:])
+				}
+			}
 			if s.haltedWith() != nil {
 				// What a failed session has read and not published is read
 				// again by the next one: published now, it would be a

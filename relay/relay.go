@@ -71,6 +71,8 @@ type Relay struct {
 	stateSchemas map[string]string
 	// syncLogged is the sync state last logged, so that it is said once.
 	syncLogged string
+	// barrier is the connection for synchronous-standby barriers (standby.go).
+	barrier barrierConn
 
 	// db and connect are the engine's collaborators (seams.go): the
 	// Relay's own PostgreSQL methods and the replication connection,
@@ -173,6 +175,7 @@ var errStandby = errors.New("replication slot is in use by another process")
 // acknowledgement and returns nil. It returns an error only for a
 // misconfiguration found before the first session streamed.
 func (r *Relay) Run(ctx context.Context) error {
+	defer r.closeBarrier()
 	bo := r.newBackoff(r.cfg.BackoffMin, r.cfg.BackoffMax)
 	standby := false
 	for {

@@ -79,6 +79,9 @@ type store interface {
 	completeRecorded(ctx context.Context) (n int, gone []string, err error)
 	readSyncState(ctx context.Context, walsender uint32) (syncReading, error)
 	emitHeartbeat(ctx context.Context) (pglogrepl.LSN, error)
+	// syncBarrier commits a barrier the synchronous standbys must confirm
+	// and returns its position; 0 without synchronous standbys (standby.go).
+	syncBarrier(ctx context.Context) (pglogrepl.LSN, error)
 }
 
 // connectStream opens the real replication connection.

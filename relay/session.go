@@ -123,8 +123,13 @@ type session struct {
 	haltOne  sync.Once
 	haltErr  error         // set before halted is closed
 	progress chan struct{} // the marker finished events (capacity 1)
-	sentPos  pglogrepl.LSN // the reader's last status: position and time
-	sentAt   time.Time
+	// barrierPos: the synchronous standbys have every commit before it
+	// (standby.go); noSyncUntil: synchronous_standby_names was empty, and
+	// is trusted to be until then. Only the publisher touches them.
+	barrierPos  pglogrepl.LSN
+	noSyncUntil time.Time
+	sentPos     pglogrepl.LSN // the reader's last status: position and time
+	sentAt      time.Time
 
 	// The step-aside guard (syncstate.go, checkStall): while the relay is
 	// an unintended synchronous standby and another candidate exists.

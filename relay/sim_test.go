@@ -1217,6 +1217,9 @@ func (s *simStore) emitHeartbeat(context.Context) (pglogrepl.LSN, error) {
 	return 0, errors.New("sim: no heartbeats")
 }
 
+// syncBarrier: the simulated server has no synchronous standbys.
+func (s *simStore) syncBarrier(context.Context) (pglogrepl.LSN, error) { return 0, nil }
+
 // ---- the replication stream ---------------------------------------------
 
 type simStream struct {
