@@ -237,6 +237,11 @@ func (c *Conn) Receive(deadline time.Time) (Message, error) {
 // SendStatus sends a standby status update acknowledging pos as written,
 // flushed and applied.
 func (c *Conn) SendStatus(pos pglogrepl.LSN, replyRequested bool) error {
+	if c.pg.IsClosed() {
+		// A failed receive closes the connection in a goroutine of pgconn's
+		// that writes its Terminate: writing now would race with it.
+		return errors.New("send standby status: the replication connection is closed")
+	}
 	err := pglogrepl.SendStandbyStatusUpdate(context.Background(), c.pg, pglogrepl.StandbyStatusUpdate{
 		WALWritePosition: pos,
 		WALFlushPosition: pos,
