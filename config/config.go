@@ -112,6 +112,11 @@ type Config struct {
 	// does not warn about being a synchronous standby, and it always answers
 	// the server at once when its acknowledged position moves.
 	SyncPublish bool `env:"RELAY_SYNC_PUBLISH" envDefault:"false"`
+	// FailoverSlot asks for a failover slot (PostgreSQL 17+): created with
+	// FAILOVER, or altered to it, so that standbys with
+	// sync_replication_slots keep a copy the relay can resume from after a
+	// promotion. Before 17 the relay warns once and uses an ordinary slot.
+	FailoverSlot bool `env:"RELAY_FAILOVER_SLOT" envDefault:"false"`
 	// MaxMessageBytes: bigger payloads are dead-lettered, never published.
 	MaxMessageBytes int `env:"RELAY_MAX_MESSAGE_BYTES" envDefault:"16777216"`
 
