@@ -36,15 +36,16 @@ func SlotInUse(err error) bool { return HasCode(err, CodeObjectInUse) }
 // Conn is a replication connection.
 type Conn struct {
 	pg          *pgconn.PgConn
-	w           commander // pg's simple-protocol commands, for slot setup (failover.go)
-	failover    bool      // WithFailoverSlot
-	// createdFailover: CreateSlot made the slot with FAILOVER, so Start
-	// need not check it.
-	createdFailover bool
 	deadline    time.Time // the read deadline last set by Receive; zero: unknown
 	interrupted atomic.Bool
 	streaming   atomic.Bool // Start succeeded: Wake may move the read deadline
 	woken       atomic.Bool
+
+	w        commander // pg's simple-protocol commands, for slot setup (failover.go)
+	failover bool      // WithFailoverSlot
+	// createdFailover: CreateSlot made the slot with FAILOVER, so Start
+	// need not check it.
+	createdFailover bool
 }
 
 // PID returns the server process id of the walsender serving this
