@@ -116,6 +116,11 @@ type Config struct {
 	// event is published only once the synchronous standbys have its
 	// commit, so that a failover cannot leave an event whose row is gone.
 	WaitForSyncStandby bool `env:"RELAY_WAIT_FOR_SYNC_STANDBY" envDefault:"true"`
+	// FailoverSlot asks for a failover slot (PostgreSQL 17+): created with
+	// FAILOVER, or altered to it, so that standbys with
+	// sync_replication_slots keep a copy the relay can resume from after a
+	// promotion. Before 17 the relay warns once and uses an ordinary slot.
+	FailoverSlot bool `env:"RELAY_FAILOVER_SLOT" envDefault:"false"`
 	// MaxMessageBytes: bigger payloads are dead-lettered, never published.
 	MaxMessageBytes int `env:"RELAY_MAX_MESSAGE_BYTES" envDefault:"16777216"`
 

@@ -54,6 +54,9 @@ type Metrics struct {
 	mu     sync.Mutex
 	ready  string // "" when ready, otherwise why not
 	notice string // shown by /readyz whether ready or not
+	// failover is the failover slot's row (status.Failover.Summary),
+	// shown by /readyz whether ready or not; "" shows none.
+	failover string
 	// While RabbitMQ blocks publishers (connection.blocked), blockedWhy
 	// is its reason and blockedSince the start of the episode.
 	blocked      bool
@@ -161,6 +164,21 @@ func (m *Metrics) SetNotice(notice string) {
 	m.notice = notice
 }
 
+// SetFailoverSlot sets the failover slot's state that /readyz shows as
+// "failover slot: …" (RELAY_FAILOVER_SLOT). Informational: an unsynced
+// copy on the standby does not make the relay unready.
+func (m *Metrics) SetFailoverSlot(summary string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.failover = summary
+}
+
+func (m *Metrics) failoverSlot() string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.failover
+}
+
 // Notice returns the line set by SetNotice.
 func (m *Metrics) Notice() string {
 	m.mu.Lock()
@@ -235,6 +253,9 @@ func (m *Metrics) Handler() http.Handler {
 		}
 		if n := m.Notice(); n != "" {
 			body += n + "\n"
+		}
+		if f := m.failoverSlot(); f != "" {
+			body += "failover slot: " + f + "\n"
 		}
 		if why != "" {
 			w.WriteHeader(http.StatusServiceUnavailable)

@@ -81,3 +81,18 @@ func TestBrokerBlockedShowsInReadyzAndMetrics(t *testing.T) {
 		t.Fatalf("after the episode: gauge %v, blocked seconds %v then %v", g, after, m.blockedSeconds())
 	}
 }
+
+// TestFailoverSlotShowsInReadyz: /readyz shows the failover slot's state,
+// and an unsynced standby copy leaves a streaming relay ready.
+func TestFailoverSlotShowsInReadyz(t *testing.T) {
+	m := New()
+	m.SetReady(true, "")
+	m.SetFailoverSlot("on; standby h2:5442 NOT synced")
+	if code, body := readyz(t, m); code != http.StatusOK || body != "streaming\nfailover slot: on; standby h2:5442 NOT synced" {
+		t.Fatalf("/readyz = %d %q, want 200 with the failover slot's line", code, body)
+	}
+	m.SetReady(false, "connecting")
+	if code, body := readyz(t, m); code != http.StatusServiceUnavailable || !strings.HasSuffix(body, "\nfailover slot: on; standby h2:5442 NOT synced") {
+		t.Fatalf("/readyz = %d %q, want 503 still showing the failover slot", code, body)
+	}
+}

@@ -86,7 +86,7 @@ type store interface {
 
 // connectStream opens the real replication connection.
 func (r *Relay) connectStream(ctx context.Context) (stream, error) {
-	c, err := replication.Connect(ctx, r.opt.Replication)
+	c, err := replication.Connect(ctx, r.opt.Replication, replication.WithFailoverSlot(r.cfg.FailoverSlot))
 	if err != nil {
 		return nil, err
 	}

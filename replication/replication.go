@@ -40,6 +40,12 @@ type Conn struct {
 	interrupted atomic.Bool
 	streaming   atomic.Bool // Start succeeded: Wake may move the read deadline
 	woken       atomic.Bool
+
+	w        commander // pg's simple-protocol commands, for slot setup (failover.go)
+	failover bool      // WithFailoverSlot
+	// createdFailover: CreateSlot made the slot with FAILOVER, so Start
+	// need not check it.
+	createdFailover bool
 }
 
 // PID returns the server process id of the walsender serving this
@@ -95,12 +101,16 @@ func Config(databaseURL, applicationName string) (*pgconn.Config, error) {
 }
 
 // Connect opens a replication connection.
-func Connect(ctx context.Context, cfg *pgconn.Config) (*Conn, error) {
+func Connect(ctx context.Context, cfg *pgconn.Config, opts ...Option) (*Conn, error) {
 	pg, err := pgconn.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("open replication connection: %w", err)
 	}
-	return &Conn{pg: pg}, nil
+	c := &Conn{pg: pg, w: pgWire{pg}}
+	for _, o := range opts {
+		o(c)
+	}
+	return c, nil
 }
 
 // IdentifySystem runs IDENTIFY_SYSTEM.
@@ -122,14 +132,20 @@ type Slot struct {
 
 // CreateSlot creates a pgoutput slot and exports its snapshot: rows visible
 // in that snapshot will never come through the slot, everything committed
-// after it will.
+// after it will. With WithFailoverSlot on a server of 17 or later, the slot
+// is a failover slot (createSlotSQL).
 func (c *Conn) CreateSlot(ctx context.Context, name string) (Slot, error) {
 	c.forgetDeadline()
-	res, err := pglogrepl.CreateReplicationSlot(ctx, c.pg, name, "pgoutput",
-		pglogrepl.CreateReplicationSlotOptions{Mode: pglogrepl.LogicalReplication, SnapshotAction: "EXPORT_SNAPSHOT"})
+	failover := c.failoverOn()
+	results, err := c.w.Run(ctx, createSlotSQL(name, failover))
 	if err != nil {
 		return Slot{}, fmt.Errorf("create replication slot %q: %w", name, err)
 	}
+	res, err := parseCreated(results)
+	if err != nil {
+		return Slot{}, fmt.Errorf("create replication slot %q: %w", name, err)
+	}
+	c.createdFailover = failover
 	lsn, err := pglogrepl.ParseLSN(res.ConsistentPoint)
 	if err != nil {
 		return Slot{}, fmt.Errorf("create replication slot %q: consistent point: %w", name, err)
@@ -138,9 +154,14 @@ func (c *Conn) CreateSlot(ctx context.Context, name string) (Slot, error) {
 }
 
 // Start begins streaming from the slot. A zero start LSN resumes at the
-// slot's confirmed position.
+// slot's confirmed position. With WithFailoverSlot on 17 or later, it first
+// makes a slot created without FAILOVER a failover slot
+// (ALTER_REPLICATION_SLOT); a failure to do so is Start's error.
 func (c *Conn) Start(ctx context.Context, slot, publication string, start pglogrepl.LSN) error {
 	c.forgetDeadline()
+	if err := c.ensureFailover(ctx, slot); err != nil {
+		return err
+	}
 	// pgoutput splits publication_names like an identifier list.
 	pubs := pgquote.Literal(pgx.Identifier{publication}.Sanitize())
 	err := pglogrepl.StartReplication(ctx, c.pg, slot, start, pglogrepl.StartReplicationOptions{

@@ -61,7 +61,10 @@ type Report struct {
 	// exists with no confirmed position yet), the transactions its creation
 	// waits for.
 	SlotCreationWaitsFor []Blocker `json:"slot_creation_waits_for,omitempty"`
-	Problems             []string  `json:"problems"`
+	// Failover is the failover slot (RELAY_FAILOVER_SLOT), set by the
+	// caller from ReadFailover; informational, never a problem.
+	Failover *Failover `json:"failover_slot,omitempty"`
+	Problems []string  `json:"problems"`
 }
 
 // Gather reads the report. stuckAfter > 0 flags an oldest unpublished row
@@ -255,6 +258,9 @@ func (r *Report) WriteText(w io.Writer) error {
 	fmt.Fprintf(tw, "synchronous standby\t%s (synchronous_standby_names = %q)\n", syncState, r.Sync.SynchronousStandbyNames)
 	if r.Sync.ConfirmedUnmarked != nil {
 		fmt.Fprintf(tw, "  confirmed, not yet marked\t%d\n", *r.Sync.ConfirmedUnmarked)
+	}
+	if r.Failover != nil {
+		fmt.Fprintf(tw, "failover slot\t%s\n", r.Failover.Summary())
 	}
 	for _, p := range r.Problems {
 		fmt.Fprintf(tw, "PROBLEM\t%s\n", p)

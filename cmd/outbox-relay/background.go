@@ -14,9 +14,10 @@ import (
 )
 
 // startBackground starts the optional periodic database work beside the
-// relay: retention (RELAY_RETENTION) and the status poll
-// (RELAY_STATUS_POLL_INTERVAL). Both are off by default, so an idle relay
-// sends no queries. The returned function stops them and waits, and must
+// relay: retention (RELAY_RETENTION), the status poll
+// (RELAY_STATUS_POLL_INTERVAL) and the failover slot's state
+// (RELAY_FAILOVER_SLOT). All are off by default, so an idle relay sends no
+// queries. The returned function stops them and waits, and must
 // run before the pool is closed.
 func startBackground(ctx context.Context, cfg *config.Config, pool *pgxpool.Pool, m *metrics.Metrics, log zerolog.Logger) (stop func()) {
 	ctx, cancel := context.WithCancel(ctx)
@@ -34,6 +35,11 @@ func startBackground(ctx context.Context, cfg *config.Config, pool *pgxpool.Pool
 		wg.Go(func() {
 			status.Poll(ctx, pool, cfg.Slot, schema, table, cfg.TimeColumn(), m, cfg.StatusPollInterval, log)
 		})
+	}
+	if cfg.FailoverSlot {
+		wg.Go(func() { watchFailover(ctx, cfg, pool, m, log) })
+	} else {
+		m.SetFailoverSlot("off")
 	}
 	return func() {
 		cancel()

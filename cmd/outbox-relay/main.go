@@ -398,6 +398,9 @@ func cmdStatus(args []string, stdout, stderr io.Writer) int {
 	defer pool.Close()
 	schema, table, _ := config.SplitTable(cfg.Table)
 	rep, err := status.Gather(ctx, pool, cfg.Slot, cfg.Publication, schema, table, cfg.TimeColumn(), *stuck, cfg.SyncPublish)
+	if err == nil {
+		rep.Failover, err = status.ReadFailover(ctx, pool, cfg.DatabaseURL, cfg.Slot, cfg.FailoverSlot)
+	}
 	if err != nil {
 		fmt.Fprintf(stderr, "outbox-relay status: %s: %v\n", config.Redact(cfg.DatabaseURL), err)
 		return 1

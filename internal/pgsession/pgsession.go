@@ -14,7 +14,6 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -123,11 +122,18 @@ func set(c *pgconn.Config, params map[string]string) {
 // ServerMajor returns the server's major version (15 for "15.4 (Debian…)"),
 // or 0 when it cannot tell.
 func ServerMajor(pg *pgconn.PgConn) int {
-	v := pg.ParameterStatus("server_version")
-	if i := strings.IndexAny(v, ". "); i > 0 {
-		v = v[:i]
+	return Major(pg.ParameterStatus("server_version"))
+}
+
+// Major returns the major version of a server_version string: its leading
+// digits, so "15.4 (Debian…)", "17beta1" and "18devel" give 15, 17 and 18;
+// 0 when it has none.
+func Major(serverVersion string) int {
+	end := 0
+	for end < len(serverVersion) && serverVersion[end] >= '0' && serverVersion[end] <= '9' {
+		end++
 	}
-	n, _ := strconv.Atoi(v)
+	n, _ := strconv.Atoi(serverVersion[:end])
 	return n
 }
 

@@ -97,3 +97,22 @@ func TestCancelledQueryStopsOnTheServer(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// TestMajor: pre-releases count as their major version; the version gates
+// (transaction_timeout, failover slots) must not see 0 for "17beta1".
+func TestMajor(t *testing.T) {
+	for in, want := range map[string]int{
+		"15.20 (Debian 15.20-0+deb12u1)": 15,
+		"16.4":                           16,
+		"17.2":                           17,
+		"17beta1":                        17,
+		"18devel":                        18,
+		"9.6.24":                         9,
+		"":                               0,
+		"devel":                          0,
+	} {
+		if got := pgsession.Major(in); got != want {
+			t.Errorf("Major(%q) = %d, want %d", in, got, want)
+		}
+	}
+}
