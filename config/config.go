@@ -152,7 +152,11 @@ type Config struct {
 	NATSDuplicateWindow time.Duration `env:"RELAY_NATS_DUPLICATE_WINDOW" envDefault:"2m"`
 }
 
-var slotPattern = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)
+// slotPattern: PostgreSQL's slot names ([a-z0-9_]{1,63}), less a leading
+// digit: the replication protocol's START_REPLICATION (pglogrepl's) takes
+// the name unquoted, and its scanner reads "1abc" as a number, so such a
+// slot could be created but never streamed.
+var slotPattern = regexp.MustCompile(`^[a-z_][a-z0-9_]{0,62}$`)
 
 // Load reads the environment and validates the result.
 func Load() (*Config, error) {

@@ -34,6 +34,8 @@ func TestErrorsNameTheVariable(t *testing.T) {
 		{map[string]string{}, "RELAY_DATABASE_URL is required"},
 		{map[string]string{"RELAY_DATABASE_URL": "postgres://u:hunter2@db:notaport/x"}, "RELAY_DATABASE_URL is not a valid"},
 		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_SLOT": "Bad-Slot"}, "RELAY_SLOT"},
+		// PostgreSQL accepts it, but unquoted START_REPLICATION cannot read it.
+		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_SLOT": "1slot"}, "RELAY_SLOT"},
 		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_LOG_LEVEL": "loud"}, "RELAY_LOG_LEVEL"},
 		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_LOG_FORMAT": "xml"}, "RELAY_LOG_FORMAT"},
 		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_AMQP_URL": "http://x"}, "RELAY_AMQP_URL"},
