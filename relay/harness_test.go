@@ -78,6 +78,7 @@ func newEnvAt(t *testing.T, dbURL string) *env {
 		MaxMessageBytes:    16 << 20,
 		AMQPHeartbeat:      10 * time.Second,
 		PostgresTimeout:    30 * time.Second,
+		WaitForSyncStandby: true, // the default
 	}
 	if err := e.cfg.Validate(); err != nil {
 		t.Fatal(err)

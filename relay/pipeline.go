@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -97,6 +98,11 @@ func (s *session) publish(ctx context.Context) error {
 				if err := s.awaitStandbys(ctx, it); err != nil {
 					if ctx.Err() != nil {
 						return ctx.Err()
+					}
+					if errors.Is(err, errBarrierStopped) {
+						// What was published drains; the rest is read
+						// again by the next relay.
+						return s.discard(ctx, batch[i:])
 					}
 					s.halt(err)
 					return s.discard(ctx, batch[i:])

@@ -128,7 +128,8 @@ type session struct {
 	// is trusted to be until then. Only the publisher touches them.
 	barrierPos  pglogrepl.LSN
 	noSyncUntil time.Time
-	sentPos     pglogrepl.LSN // the reader's last status: position and time
+	stopping    <-chan struct{} // SIGTERM: the run's soft end
+	sentPos     pglogrepl.LSN   // the reader's last status: position and time
 	sentAt      time.Time
 
 	// The step-aside guard (syncstate.go, checkStall): while the relay is
@@ -305,6 +306,7 @@ func (s *session) run(ctx context.Context, own ownership, sweep sweepCursor) err
 	})
 	defer stop()
 
+	s.stopping = ctx.Done()
 	g, gctx := errgroup.WithContext(pctx)
 	g.Go(func() error { return s.publish(gctx) })
 	g.Go(func() error { return s.confirm(gctx) })

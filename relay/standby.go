@@ -44,13 +44,20 @@ import (
 // before the next barrier asks again.
 const barrierRecheck = time.Second
 
-// barrierSlow is how long a barrier waits before the relay says so, and
-// looks again whether the wait is on the relay itself.
+// barrierSlow is how long a barrier waits before the relay says so (and
+// again every barrierSlow).
 const barrierSlow = 5 * time.Second
+
+// barrierFirstCheck is how long a barrier waits before the relay looks
+// whether the wait is on itself (then every second).
+const barrierFirstCheck = 100 * time.Millisecond
 
 // errSyncWaitCanceled: the server cancelled the barrier's wait for the
 // standbys (pg_cancel_backend, or a cancel request) and committed locally.
 var errSyncWaitCanceled = errors.New("the wait for the synchronous standbys was cancelled on the server (the barrier committed only locally)")
+
+// errBarrierStopped: the relay is stopping while a barrier waits.
+var errBarrierStopped = errors.New("stopping while waiting for the synchronous standbys")
 
 // barrierConn is the relay's connection for barriers: statement_timeout 0
 // (a DBA's timeout would cancel the wait, and PostgreSQL then commits
@@ -157,8 +164,13 @@ func (s *session) awaitStandbys(ctx context.Context, it *item) error {
 		lsn, err := s.r.db.syncBarrier(bctx)
 		done <- result{lsn, err}
 	}()
-	tick := time.NewTicker(barrierSlow)
-	defer tick.Stop()
+	// A barrier takes a round trip and a standby's flush. One that takes
+	// longer may be waiting for the relay itself, which became a
+	// synchronous standby since the last check: look at once, then every
+	// second, so that commits never wait on it for long.
+	check := time.NewTimer(barrierFirstCheck)
+	defer check.Stop()
+	nextLog := start.Add(barrierSlow)
 	for {
 		select {
 		case res := <-done:
@@ -175,7 +187,8 @@ func (s *session) awaitStandbys(ctx context.Context, it *item) error {
 				s.log.Info().Dur("waited", waited).Msg("the synchronous standbys confirmed; publishing again")
 			}
 			return nil
-		case <-tick.C:
+		case <-check.C:
+			check.Reset(time.Second)
 			s.checkSyncNow(ctx)
 			if s.prompt.Load() {
 				s.log.Warn().Msg("commits may wait for the relay itself (it is a synchronous standby candidate): " +
@@ -184,6 +197,10 @@ func (s *session) awaitStandbys(ctx context.Context, it *item) error {
 				<-done
 				return nil
 			}
+			if time.Now().Before(nextLog) {
+				continue
+			}
+			nextLog = nextLog.Add(barrierSlow)
 			s.log.Warn().Dur("waited", time.Since(start).Round(time.Second)).Str("commit_lsn", it.pos.lsn.String()).
 				Msg("waiting for the synchronous standbys to confirm a commit before publishing its events " +
 					"(RELAY_WAIT_FOR_SYNC_STANDBY); the application's COMMIT waits for them too")
@@ -191,6 +208,13 @@ func (s *session) awaitStandbys(ctx context.Context, it *item) error {
 			cancel()
 			<-done
 			return nil // the caller sees the halt and publishes nothing more
+		case <-s.stopping:
+			// A graceful stop does not wait for a standby that may be gone
+			// for long: what is unpublished is not acknowledged either, and
+			// the next relay reads it again.
+			cancel()
+			<-done
+			return errBarrierStopped
 		}
 	}
 }
