@@ -63,9 +63,9 @@ func (c *Conn) failoverOn() bool { return c.failover && FailoverSupported(c.Serv
 // permanent logical slot exporting its snapshot (the legacy syntax; the
 // empty TEMPORARY makes the double space), so that servers before 17, or
 // a relay without RELAY_FAILOVER_SLOT, see no change. With it, the option
-// list of 15+, to which 17 added FAILOVER. The name is quoted there:
-// RELAY_SLOT allows a leading digit, which the replication scanner does
-// not take as an identifier unquoted.
+// list of 15+, to which 17 added FAILOVER. The name is quoted there, which
+// costs nothing (RELAY_SLOT no longer allows the leading digit the
+// replication scanner cannot read unquoted).
 func createSlotSQL(name string, failover bool) string {
 	if !failover {
 		return fmt.Sprintf("CREATE_REPLICATION_SLOT %s %s %s %s %s",
