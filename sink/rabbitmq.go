@@ -29,10 +29,14 @@ type RabbitMQConfig struct {
 	Nodes              *Nodes
 	Exchange           string // durable topic exchange, declared if missing
 	DeadLetterExchange string // durable fanout exchange with a queue of the same name
-	MaxMessageBytes    int
-	TLS                *tls.Config   // for amqps://; nil uses the system roots
-	Heartbeat          time.Duration // AMQP heartbeat; a silent broker is detected within about twice this
-	ConnectionName     string
+	// DeadLetterQueueType is the type of that queue: QueueClassic (also
+	// "") or QueueQuorum (x-queue-type: quorum, replicated over a
+	// cluster's nodes).
+	DeadLetterQueueType string
+	MaxMessageBytes     int
+	TLS                 *tls.Config   // for amqps://; nil uses the system roots
+	Heartbeat           time.Duration // AMQP heartbeat; a silent broker is detected within about twice this
+	ConnectionName      string
 	// OnBlocked receives RabbitMQ's connection.blocked and
 	// connection.unblocked notifications (a resource alarm: publishes
 	// wait until it clears), and an unblock when a blocked connection
@@ -239,8 +243,8 @@ func (r *RabbitMQ) setup() error {
 	if err := ch.ExchangeDeclare(dlx, amqp.ExchangeFanout, true, false, false, false, nil); err != nil {
 		return fmt.Errorf("declare dead-letter exchange %q (durable fanout): %w", dlx, err)
 	}
-	if _, err := ch.QueueDeclare(dlx, true, false, false, false, nil); err != nil {
-		return fmt.Errorf("declare dead-letter queue %q: %w", dlx, err)
+	if _, err := ch.QueueDeclare(dlx, true, false, false, false, queueArgs(r.cfg.DeadLetterQueueType)); err != nil {
+		return r.deadLetterQueueError(err)
 	}
 	if err := ch.QueueBind(dlx, "", dlx, false, nil); err != nil {
 		return fmt.Errorf("bind dead-letter queue %q: %w", dlx, err)

@@ -252,14 +252,15 @@ func cmdRun(args []string, stderr io.Writer) int {
 				return dialNATS(ctx)
 			}
 			p, err := sink.DialRabbitMQ(ctx, sink.RabbitMQConfig{
-				Nodes:              amqpNodes,
-				Exchange:           cfg.Exchange,
-				DeadLetterExchange: cfg.DeadLetterExchange,
-				MaxMessageBytes:    cfg.MaxMessageBytes,
-				TLS:                tlsCfg,
-				Heartbeat:          cfg.AMQPHeartbeat,
-				CloudEvents:        cfg.CloudEvents == config.CloudEventsBinary,
-				CloudEventsSource:  cfg.CloudEventsSourceAttr(),
+				Nodes:               amqpNodes,
+				Exchange:            cfg.Exchange,
+				DeadLetterExchange:  cfg.DeadLetterExchange,
+				DeadLetterQueueType: cfg.DeadLetterQueueType,
+				MaxMessageBytes:     cfg.MaxMessageBytes,
+				TLS:                 tlsCfg,
+				Heartbeat:           cfg.AMQPHeartbeat,
+				CloudEvents:         cfg.CloudEvents == config.CloudEventsBinary,
+				CloudEventsSource:   cfg.CloudEventsSourceAttr(),
 				OnBlocked: func(blocked bool, reason string) {
 					if !m.SetBrokerBlocked(blocked, reason) {
 						return // another connection's notice of the same episode
