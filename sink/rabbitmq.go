@@ -42,6 +42,10 @@ type RabbitMQConfig struct {
 	// wait until it clears), and an unblock when a blocked connection
 	// closes; may be nil. It is called from one goroutine per connection.
 	OnBlocked func(blocked bool, reason string)
+	// OnConnection is told of each connection to a node (host:port): up
+	// once its topology is declared and confirms are on, and not up once
+	// it has closed; may be nil.
+	OnConnection func(node string, up bool)
 	// CloudEvents adds the CloudEvents attributes as headers, in the AMQP
 	// binding's binary content mode (cloudEvents_ application properties;
 	// datacontenttype is the content_type property).
@@ -256,7 +260,14 @@ func (r *RabbitMQ) setup() error {
 	r.conn.NotifyClose(forward(r.closed))
 	ch.NotifyClose(forward(r.closed))
 	blocked := r.conn.NotifyBlocked(make(chan amqp.Blocking, 4))
+	if r.cfg.OnConnection != nil {
+		r.cfg.OnConnection(r.node, true)
+	}
 	go func() {
+		// amqp091 closes blocked when the connection shuts down.
+		if r.cfg.OnConnection != nil {
+			defer r.cfg.OnConnection(r.node, false)
+		}
 		for b := range blocked {
 			r.blocked.Store(b.Active)
 			if r.cfg.OnBlocked != nil {
