@@ -310,8 +310,15 @@ func (s *session) endAbandonedSpans(err error) {
 	}
 }
 
-// maxNacks is how often a nacked event is republished before it is
-// dead-lettered.
+// maxNacks is how often an event nacked for what it is (a permanent nack,
+// sink.Result.Permanent) is republished before it is dead-lettered. Other
+// nacks say nothing about the event and never dead-letter it: RabbitMQ
+// nacks for the state of a queue (full under x-overflow reject-publish, an
+// internal error), which clears, so the event is held and republished with
+// the session's backoff, as through a broker outage. (A quorum queue
+// without a majority sends no confirm at all until one is back, measured
+// on RabbitMQ 3.10 with 2 of 3 nodes down for 45 s: nothing, then every
+// publish acked at once; the relay waits for it the same way.)
 const maxNacks = 5
 
 // confirm waits for each message's verdict in publish order and applies
@@ -370,7 +377,7 @@ func (s *session) settle(it *item) {
 // share the session's backoff: the first retry of an item goes at once (the
 // cause may be gone already), and only consecutive failures wait longer.
 func (s *session) await(ctx context.Context, it *item) error {
-	nacks := 0
+	nacks, transient := 0, 0 // permanent nacks, and the others
 	for attempt := 0; ; attempt++ {
 		res, err := it.pending.Wait(ctx)
 		if err != nil {
@@ -397,12 +404,20 @@ func (s *session) await(ctx context.Context, it *item) error {
 			}
 			s.r.m.Retries.WithLabelValues(s.r.broker(), "unroutable").Inc()
 		case sink.Nacked:
-			nacks++
 			s.r.m.Retries.WithLabelValues(s.r.broker(), "nack").Inc()
+			if !res.Permanent {
+				transient++
+				if transient == 1 || transient%10 == 0 {
+					s.log.Warn().Str("id", it.msg.ID).Int("nacks", transient).Str("reason", res.Reason).
+						Msg("broker nacked the event (not for anything in it: a full or failing queue); republishing with backoff until it is taken, never dead-lettering it")
+				}
+				break
+			}
+			nacks++
 			if nacks >= maxNacks {
 				return s.deadLetter(ctx, it, deadReason{class: deadNacked, text: fmt.Sprintf("nacked %d times: %s", nacks, res.Reason)})
 			}
-			s.log.Warn().Str("id", it.msg.ID).Int("nacks", nacks).Msg("broker nacked the event; republishing")
+			s.log.Warn().Str("id", it.msg.ID).Int("nacks", nacks).Str("reason", res.Reason).Msg("broker refused the event; republishing")
 		}
 		if it.span != nil {
 			it.span.AddEvent("republish", trace.WithAttributes(attribute.String("outbox.outcome", res.Outcome.String())))
