@@ -108,7 +108,8 @@ type clusterWorld struct {
 	*world
 	c       *rabbitCluster
 	order   *orderCheck
-	metrics string // the relay's RELAY_METRICS_ADDR
+	metrics string     // the relay's RELAY_METRICS_ADDR
+	dlqArgs amqp.Table // the relay's dead-letter queue's type
 }
 
 func newClusterWorld(t *testing.T) *clusterWorld {
@@ -117,7 +118,7 @@ func newClusterWorld(t *testing.T) *clusterWorld {
 	c := upCluster(t)
 	w := newWorldOn(t, testenv.Postgres(t), clusterURLs(), amqp.Table{"x-queue-type": "quorum"})
 	cw := &clusterWorld{world: w, c: c, order: &orderCheck{last: map[string]int64{}},
-		metrics: fmt.Sprintf("127.0.0.1:%d", freePorts(t, 1)[0])}
+		metrics: fmt.Sprintf("127.0.0.1:%d", freePorts(t, 1)[0]), dlqArgs: amqp.Table{"x-queue-type": "quorum"}}
 	w.env = append(w.env, "RELAY_DEAD_LETTER_QUEUE_TYPE=quorum", "RELAY_METRICS_ADDR="+cw.metrics)
 	w.mu.Lock()
 	w.onDelivery = cw.order.see
@@ -285,9 +286,9 @@ func (cw *clusterWorld) nodeMetrics() (gauge, conns [4]float64) {
 }
 
 // start runs the relay and waits until events flow through the cluster.
-func (cw *clusterWorld) start() (*relayProc, *producer) {
+func (cw *clusterWorld) start(extra ...string) (*relayProc, *producer) {
 	cw.t.Helper()
-	p := cw.startRelay()
+	p := cw.startRelay(extra...)
 	prod := cw.produceOrdered(5 * time.Millisecond)
 	cw.waitFor(60*time.Second, "events through the cluster", func() bool { return cw.received() > 100 })
 	return p, prod
@@ -316,7 +317,7 @@ func (cw *clusterWorld) deadLettered() int {
 	defer conn.Close()
 	ch, err := conn.Channel()
 	must(cw.t, err)
-	q, err := ch.QueueDeclarePassive(cw.dlx, true, false, false, false, amqp.Table{"x-queue-type": "quorum"})
+	q, err := ch.QueueDeclarePassive(cw.dlx, true, false, false, false, cw.dlqArgs)
 	must(cw.t, err)
 	return q.Messages
 }
@@ -444,10 +445,10 @@ func TestClusterRabbitMQNoMajority(t *testing.T) {
 	cw.c.node("rabbit-start", down[1])
 	events, lost, dups, redelivered := cw.finish(p, prod)
 	t.Logf("hare%d and hare%d stopped (no majority; the relay on hare%d) for %s: %d events held unmarked, none acknowledged; "+
-		"%d events, %d lost, %d duplicated, %d redelivered by the broker; recovered %s after hare%d was back "+
-		"(cluster.sh rabbit-start returned, to the first held event confirmed and marked; %s after the start began); /readyz %d during the outage",
+		"%d events, %d lost, %d duplicated, %d redelivered by the broker; first held event confirmed and marked %s after hare%d's start began "+
+		"(%s after cluster.sh rabbit-start returned, which polls the node every 0.5 s); /readyz %d during the outage",
 		down[0], down[1], relayOn, tStart.Sub(tDown).Round(100*time.Millisecond), held, events, lost, dups, redelivered,
-		first.Sub(tUp).Round(time.Millisecond), down[0], first.Sub(tStart).Round(time.Millisecond), ready)
+		first.Sub(tStart).Round(time.Millisecond), down[0], first.Sub(tUp).Round(time.Millisecond), ready)
 }
 
 // TestClusterRabbitMQRollingRestart: stop and start each node in turn, as
@@ -474,4 +475,69 @@ func TestClusterRabbitMQRollingRestart(t *testing.T) {
 	t.Logf("rolling restart of hare1..3: %d events, %d lost, %d duplicated, %d redelivered by the broker; %d connections; "+
 		"recovered at worst %s after a stop (first event committed after it confirmed and marked): %s",
 		events, lost, dups, redelivered, int(c[1]+c[2]+c[3]), worst, strings.Join(steps, ", "))
+}
+
+// TestClusterRabbitMQClassicDeadLetterQueueNodeDown: with the default
+// classic dead-letter queue, declared on the node the relay first connects
+// to, kill that node: every session on the other nodes fails at the
+// queue's declare (NOT_FOUND, its home node is down), so nothing is
+// published until the node is back; the error names the cause and
+// RELAY_DEAD_LETTER_QUEUE_TYPE=quorum. Once the node is back the relay
+// goes on and loses nothing.
+func TestClusterRabbitMQClassicDeadLetterQueueNodeDown(t *testing.T) {
+	cw := newClusterWorld(t)
+	cw.dlqArgs = nil
+	p, prod := cw.start("RELAY_DEAD_LETTER_QUEUE_TYPE=classic")
+	home, _ := relayNode(p)
+	time.Sleep(time.Second)
+	tDown := cw.dbNow()
+	cw.c.node("rabbit-kill", home)
+	const hint = "a classic queue lives on one node"
+	cw.waitFor(60*time.Second, "the declare's error naming the setting", func() bool {
+		return strings.Contains(p.out.String(), hint)
+	})
+	var marked int
+	must(t, cw.pool.QueryRow(context.Background(),
+		`SELECT count(*) FROM outbox_events WHERE occurred_at > $1 AND published_at IS NOT NULL`, tDown.Add(time.Second)).Scan(&marked))
+	if marked != 0 {
+		t.Errorf("%d events committed a second after the dead-letter queue's node went were marked", marked)
+	}
+	line := ""
+	for _, l := range strings.Split(p.out.String(), "\n") {
+		if strings.Contains(l, hint) {
+			line = l
+			break
+		}
+	}
+	for _, want := range []string{"RELAY_DEAD_LETTER_QUEUE_TYPE=quorum", cw.dlx, "NOT_FOUND"} {
+		if !strings.Contains(line, want) {
+			t.Errorf("the error does not say %q: %s", want, line)
+		}
+	}
+	if strings.Contains(line, "guest:guest") {
+		t.Errorf("the error holds a password: %s", line)
+	}
+	tStart := cw.dbNow()
+	cw.c.node("rabbit-start", home)
+	tUp := cw.dbNow()
+	events, lost, dups, redelivered := cw.finish(p, prod)
+	t.Logf("the relay's error while hare%d was down: %s", home, line)
+	t.Logf("kill -9 of hare%d, home of the classic dead-letter queue: no session could declare it, nothing published for %s; "+
+		"%d events, %d lost, %d duplicated, %d redelivered by the broker; first event committed during the outage confirmed and marked "+
+		"%s after hare%d's start began (the start took %s: the node answered within it)",
+		home, tStart.Sub(tDown).Round(100*time.Millisecond), events, lost, dups, redelivered,
+		cw.recoverySince(tDown, tStart), home, tUp.Sub(tStart).Round(time.Millisecond))
+}
+
+// recoverySince is the time from t0 to the first event committed after
+// committed being confirmed and marked.
+func (cw *clusterWorld) recoverySince(committed, t0 time.Time) time.Duration {
+	cw.t.Helper()
+	var first *time.Time
+	must(cw.t, cw.pool.QueryRow(context.Background(),
+		`SELECT min(published_at) FROM outbox_events WHERE occurred_at > $1`, committed).Scan(&first))
+	if first == nil {
+		cw.t.Fatalf("no event committed after %s was ever marked", committed.Format(time.RFC3339Nano))
+	}
+	return first.Sub(t0).Round(time.Millisecond)
 }
