@@ -3,7 +3,6 @@
 package faulttest
 
 import (
-	"cmp"
 	"context"
 	"fmt"
 	"net"
@@ -58,14 +57,12 @@ type world struct {
 	queue    string
 	env      []string   // RELAY_* for the relay
 	qargs    amqp.Table // the test queue's arguments (x-queue-type)
-	prefetch int        // the consumer's prefetch; 0 is 1000
 
 	mu   sync.Mutex
 	seen map[string]int // message id -> first deliveries (redeliveries not counted)
 	// onDelivery, when set, sees every delivery under mu: first is whether
 	// it is the first sighting of its message id.
 	onDelivery func(d amqp.Delivery, first bool)
-	consumers  int // connections the consumer made, under mu
 	total      atomic.Int64
 }
 
@@ -79,15 +76,15 @@ func newWorld(t *testing.T) *world {
 // own).
 func newWorldAt(t *testing.T, dbURL string) *world {
 	t.Helper()
-	return newWorldOn(t, dbURL, testenv.AMQP(t), nil, 0)
+	return newWorldOn(t, dbURL, testenv.AMQP(t), nil)
 }
 
 // newWorldOn is newWorldAt on RabbitMQ nodes of the test's own (amqpURL
 // may list several, comma-separated: see dialAny), with a test queue
-// declared with qargs and consumed with prefetch (0 is 1000).
-func newWorldOn(t *testing.T, dbURL, amqpURL string, qargs amqp.Table, prefetch int) *world {
+// declared with qargs.
+func newWorldOn(t *testing.T, dbURL, amqpURL string, qargs amqp.Table) *world {
 	t.Helper()
-	w := &world{t: t, dbURL: dbURL, amqpURL: amqpURL, qargs: qargs, prefetch: prefetch, seen: map[string]int{}}
+	w := &world{t: t, dbURL: dbURL, amqpURL: amqpURL, qargs: qargs, seen: map[string]int{}}
 	w.slot = testenv.Slot(t, w.dbURL)
 	w.exchange, w.dlx, w.queue = testenv.Name(t, "ex"), testenv.Name(t, "dlx"), testenv.Name(t, "q")
 	ctx := context.Background()
@@ -168,7 +165,7 @@ func (w *world) consume() {
 				err = ch.QueueBind(w.queue, "#", w.exchange, false, nil)
 			}
 			if err == nil {
-				err = ch.Qos(cmp.Or(w.prefetch, 1000), 0, false)
+				err = ch.Qos(1000, 0, false)
 			}
 			var deliveries <-chan amqp.Delivery
 			if err == nil {
@@ -179,9 +176,6 @@ func (w *world) consume() {
 				time.Sleep(200 * time.Millisecond)
 				continue
 			}
-			w.mu.Lock()
-			w.consumers++
-			w.mu.Unlock()
 			once.Do(func() { close(ready) })
 		loop:
 			for {

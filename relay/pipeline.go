@@ -2,6 +2,7 @@ package relay
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -313,13 +314,22 @@ func (s *session) endAbandonedSpans(err error) {
 // maxNacks is how often an event nacked for what it is (a permanent nack,
 // sink.Result.Permanent) is republished before it is dead-lettered. Other
 // nacks say nothing about the event and never dead-letter it: RabbitMQ
-// nacks for the state of a queue (full under x-overflow reject-publish, an
-// internal error), which clears, so the event is held and republished with
-// the session's backoff, as through a broker outage. (A quorum queue
-// without a majority sends no confirm at all until one is back, measured
-// on RabbitMQ 3.10 with 2 of 3 nodes down for 45 s: nothing, then every
-// publish acked at once; the relay waits for it the same way.)
+// nacks for the state of a queue (full under x-overflow reject-publish, a
+// quorum queue whose leader is gone, an internal error), which clears. The
+// event is republished with the session's backoff, and after maxNacks such
+// nacks in a row the session ends and the next one, on a fresh connection
+// and channel (the next node of a cluster), republishes everything
+// unconfirmed in order: measured on RabbitMQ 3.10, a channel opened on the
+// last node while the quorum queue's leader was killed nacked every
+// republish for over a minute, long after a majority was back.
+// (A quorum queue without a majority but with its channel intact sends no
+// confirm at all until one is back, measured with 2 of 3 nodes stopped
+// for 45 s: nothing, then every publish acked at once; the relay waits
+// for it.)
 const maxNacks = 5
+
+// errNackedInARow ends a session whose broker keeps nacking an event.
+var errNackedInARow = errors.New("the broker nacked the event every time")
 
 // confirm waits for each message's verdict in publish order and applies
 // the policies for returned, nacked and poison events.
@@ -407,10 +417,12 @@ func (s *session) await(ctx context.Context, it *item) error {
 			s.r.m.Retries.WithLabelValues(s.r.broker(), "nack").Inc()
 			if !res.Permanent {
 				transient++
-				if transient == 1 || transient%10 == 0 {
-					s.log.Warn().Str("id", it.msg.ID).Int("nacks", transient).Str("reason", res.Reason).
-						Msg("broker nacked the event (not for anything in it: a full or failing queue); republishing with backoff until it is taken, never dead-lettering it")
+				if transient >= maxNacks {
+					return brokerFailure(fmt.Errorf("%w (%d in a row: %s; not for anything in it, so not dead-lettered): "+
+						"reconnecting, to republish it and everything after it on a fresh channel", errNackedInARow, transient, res.Reason))
 				}
+				s.log.Warn().Str("id", it.msg.ID).Int("nacks", transient).Str("reason", res.Reason).
+					Msg("broker nacked the event (not for anything in it: a full or failing queue, or one without a leader); republishing")
 				break
 			}
 			nacks++
