@@ -10,7 +10,7 @@ BIN        ?= bin/outbox-relay
 IMAGE      ?= outbox-relay:local
 BENCH_ARGS ?=
 
-.PHONY: test sim sim-check mutants faults faults-only unit build demo bench fuzz lint docker
+.PHONY: test sim sim-check mutants faults faults-only cluster-test unit build demo bench fuzz lint docker
 
 ## test: services (scripts/test-env.sh), go vet, all tests with -race,
 ## the simulator's 10,000 seeds, then the fault suite
@@ -47,6 +47,17 @@ faults:
 
 faults-only:
 	$(GO) test -race -count=1 -p 1 -tags faults -timeout 15m -v ./faulttest/
+
+## cluster-test: the RabbitMQ cluster fault tests (faulttest/cluster_rabbit_test.go)
+## on scripts/cluster.sh's three nodes: up, the tests, then always down;
+## exits with the tests' status. Needs root, and the test services of
+## scripts/test-env.sh (OUTBOX_TEST_*) for PostgreSQL
+cluster-test:
+	status=0; \
+	{ bash scripts/cluster.sh up && \
+	  $(GO) test -race -count=1 -p 1 -tags faults,cluster -run '^TestCluster' -timeout 20m -v ./faulttest/; } || status=$$?; \
+	bash scripts/cluster.sh down; \
+	exit $$status
 
 ## unit: tests that need no services (integration tests skip under -short)
 unit:

@@ -20,6 +20,12 @@ import (
 // the payload as the body.
 const CloudEventsBinary = "binary"
 
+// RELAY_DEAD_LETTER_QUEUE_TYPE values.
+const (
+	QueueClassic = "classic"
+	QueueQuorum  = "quorum"
+)
+
 // RELAY_ON_PUBLISHED values.
 const (
 	OnPublishedMark   = "mark"
@@ -62,6 +68,10 @@ type Config struct {
 	RoutingKey string `env:"RELAY_ROUTING_KEY" envDefault:"{aggregate_type}.{event_type}"`
 	// DeadLetterExchange receives events the broker can never accept.
 	DeadLetterExchange string `env:"RELAY_DEAD_LETTER_EXCHANGE" envDefault:"outbox.events.dead-letter"`
+	// DeadLetterQueueType is the type of the dead-letter queue the relay
+	// declares (the exchange's name): classic, or quorum for a queue
+	// replicated over a cluster's nodes.
+	DeadLetterQueueType string `env:"RELAY_DEAD_LETTER_QUEUE_TYPE" envDefault:"classic"`
 	// Unroutable says what to do with an event no queue is bound for:
 	// dead-letter, retry or drop.
 	Unroutable string `env:"RELAY_UNROUTABLE" envDefault:"dead-letter"`
@@ -270,6 +280,11 @@ func (c *Config) Validate() error {
 		}
 		if c.DeadLetterExchange == c.Exchange {
 			errs = append(errs, errors.New("RELAY_DEAD_LETTER_EXCHANGE must differ from RELAY_EXCHANGE"))
+		}
+		switch c.DeadLetterQueueType {
+		case QueueClassic, QueueQuorum, "": // "": a Config built in code
+		default:
+			errs = append(errs, fmt.Errorf("RELAY_DEAD_LETTER_QUEUE_TYPE %q is not one of %s, %s", c.DeadLetterQueueType, QueueClassic, QueueQuorum))
 		}
 	case SinkNATS:
 		errs = append(errs, c.validateNATS()...)

@@ -21,7 +21,8 @@ func TestDefaults(t *testing.T) {
 	if c.Slot != "outbox_relay" || c.Publication != "outbox_relay_pub" || c.Table != "public.outbox_events" ||
 		c.Exchange != "outbox.events" || c.DeadLetterExchange != "outbox.events.dead-letter" ||
 		c.RoutingKey != "{aggregate_type}.{event_type}" || c.MetricsAddr != ":9740" ||
-		c.LogLevel != "info" || c.LogFormat != "json" || c.AMQPURL != "amqp://guest:guest@localhost:5672/" {
+		c.LogLevel != "info" || c.LogFormat != "json" || c.AMQPURL != "amqp://guest:guest@localhost:5672/" ||
+		c.DeadLetterQueueType != QueueClassic {
 		t.Fatalf("unexpected defaults: %+v", c)
 	}
 }
@@ -45,6 +46,7 @@ func TestErrorsNameTheVariable(t *testing.T) {
 		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_MAX_INFLIGHT_BYTES": "64MiB"}, "RELAY_MAX_INFLIGHT_BYTES"},
 		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_TABLE": "a.b.c"}, "RELAY_TABLE"},
 		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_UNROUTABLE": "ignore"}, "RELAY_UNROUTABLE"},
+		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_DEAD_LETTER_QUEUE_TYPE": "stream"}, `RELAY_DEAD_LETTER_QUEUE_TYPE "stream" is not one of classic, quorum`},
 		{map[string]string{"RELAY_DATABASE_URL": "postgres://db/x", "RELAY_STATUS_INTERVAL": "soon"}, "RELAY_STATUS_INTERVAL"},
 	}
 	for _, tc := range cases {

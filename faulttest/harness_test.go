@@ -55,11 +55,15 @@ type world struct {
 	exchange string
 	dlx      string
 	queue    string
-	env      []string // RELAY_* for the relay
+	env      []string   // RELAY_* for the relay
+	qargs    amqp.Table // the test queue's arguments (x-queue-type)
 
-	mu    sync.Mutex
-	seen  map[string]int // message id -> first deliveries (redeliveries not counted)
-	total atomic.Int64
+	mu   sync.Mutex
+	seen map[string]int // message id -> first deliveries (redeliveries not counted)
+	// onDelivery, when set, sees every delivery under mu: first is whether
+	// it is the first sighting of its message id.
+	onDelivery func(d amqp.Delivery, first bool)
+	total      atomic.Int64
 }
 
 func newWorld(t *testing.T) *world {
@@ -72,7 +76,15 @@ func newWorld(t *testing.T) *world {
 // own).
 func newWorldAt(t *testing.T, dbURL string) *world {
 	t.Helper()
-	w := &world{t: t, dbURL: dbURL, amqpURL: testenv.AMQP(t), seen: map[string]int{}}
+	return newWorldOn(t, dbURL, testenv.AMQP(t), nil)
+}
+
+// newWorldOn is newWorldAt on RabbitMQ nodes of the test's own (amqpURL
+// may list several, comma-separated: see dialAny), with a test queue
+// declared with qargs.
+func newWorldOn(t *testing.T, dbURL, amqpURL string, qargs amqp.Table) *world {
+	t.Helper()
+	w := &world{t: t, dbURL: dbURL, amqpURL: amqpURL, qargs: qargs, seen: map[string]int{}}
 	w.slot = testenv.Slot(t, w.dbURL)
 	w.exchange, w.dlx, w.queue = testenv.Name(t, "ex"), testenv.Name(t, "dlx"), testenv.Name(t, "q")
 	ctx := context.Background()
@@ -99,7 +111,7 @@ func newWorldAt(t *testing.T, dbURL string) *world {
 		"RELAY_BACKOFF_MAX=2s",
 	}
 	t.Cleanup(func() {
-		if c, err := amqp.Dial(w.amqpURL); err == nil {
+		if c, err := w.dialAny(); err == nil {
 			if ch, err := c.Channel(); err == nil {
 				_, _ = ch.QueueDelete(w.queue, false, false, false)
 				_, _ = ch.QueueDelete(w.dlx, false, false, false)
@@ -137,7 +149,7 @@ func (w *world) consume() {
 				return
 			default:
 			}
-			c, err := amqp.Dial(w.amqpURL)
+			c, err := w.dialAny()
 			if err != nil {
 				time.Sleep(200 * time.Millisecond)
 				continue
@@ -147,7 +159,7 @@ func (w *world) consume() {
 				err = ch.ExchangeDeclare(w.exchange, "topic", true, false, false, false, nil)
 			}
 			if err == nil {
-				_, err = ch.QueueDeclare(w.queue, true, false, false, false, nil)
+				_, err = ch.QueueDeclare(w.queue, true, false, false, false, w.qargs)
 			}
 			if err == nil {
 				err = ch.QueueBind(w.queue, "#", w.exchange, false, nil)
@@ -173,8 +185,12 @@ func (w *world) consume() {
 						break loop
 					}
 					w.mu.Lock()
-					if !d.Redelivered || w.seen[d.MessageId] == 0 {
+					first := w.seen[d.MessageId] == 0
+					if !d.Redelivered || first {
 						w.seen[d.MessageId]++
+					}
+					if w.onDelivery != nil {
+						w.onDelivery(d, first)
 					}
 					w.mu.Unlock()
 					w.total.Add(1)

@@ -50,6 +50,11 @@ type Metrics struct {
 	EventsRecorded prometheus.Counter
 
 	BrokerBlocked prometheus.Gauge // 1 while RabbitMQ blocks the relay's publishes
+	// AMQPNode is 1 for the RabbitMQ node (host:port) the relay is
+	// connected to, 0 for the other nodes of RELAY_AMQP_URL.
+	AMQPNode *prometheus.GaugeVec
+	// AMQPConnections counts connections made, by node (host:port).
+	AMQPConnections *prometheus.CounterVec
 
 	mu     sync.Mutex
 	ready  string // "" when ready, otherwise why not
@@ -63,6 +68,9 @@ type Metrics struct {
 	blockedWhy   string
 	blockedSince time.Time
 	blockedTotal time.Duration // of the episodes that ended
+	// open counts the connections open to each RabbitMQ node: one at a
+	// time, but the close of the last may be told after the next opened.
+	open map[string]int
 }
 
 // New registers the relay's metrics and the Go runtime collectors.
@@ -70,7 +78,7 @@ func New() *Metrics {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	f := func(c prometheus.Collector) { reg.MustRegister(c) }
-	m := &Metrics{Registry: reg, ready: "starting"}
+	m := &Metrics{Registry: reg, ready: "starting", open: map[string]int{}}
 	m.EventsPublished = prometheus.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_events_published_total",
 		Help: "Events confirmed by the broker and marked published."})
 	m.EventsSkipped = prometheus.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_events_skipped_total",
@@ -127,12 +135,43 @@ func New() *Metrics {
 	m.EventsRecorded = prometheus.NewCounter(prometheus.CounterOpts{Name: "outbox_relay_events_recorded_total",
 		Help: "Confirmed events recorded in outbox_relay_confirmed because their rows were not yet visible to mark " +
 			"(their commit waited, e.g. for a synchronous standby)."})
-	for _, c := range []prometheus.Collector{m.BrokerBlocked, blockedSeconds, m.SyncStandby, m.EventsRecorded, m.EventsPublished, m.EventsSkipped, m.RowsDeletedBeforeMark, m.DeadLettered, m.ReplicationLag,
+	m.AMQPNode = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "outbox_relay_amqp_node",
+		Help: "1 for the RabbitMQ node (host:port) the relay is connected to, 0 for the other nodes of RELAY_AMQP_URL."}, []string{"node"})
+	m.AMQPConnections = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "outbox_relay_amqp_connections_total",
+		Help: "Connections made to each RabbitMQ node (host:port), topology declared."}, []string{"node"})
+	for _, c := range []prometheus.Collector{m.AMQPNode, m.AMQPConnections, m.BrokerBlocked, blockedSeconds, m.SyncStandby, m.EventsRecorded, m.EventsPublished, m.EventsSkipped, m.RowsDeletedBeforeMark, m.DeadLettered, m.ReplicationLag,
 		m.AckedLSN, m.ReceivedLSN, m.ServerWALEnd, m.ConfirmSeconds, m.StandbyWaitSeconds, m.DeliverySeconds, m.MarkSeconds, m.StreamDelay, m.Reconnects,
 		m.Retries, m.Standby, m.SweptEvents, m.SlotWALRetained, m.SlotSafeWAL, m.Unpublished, m.OldestUnpublishd} {
 		f(c)
 	}
 	return m
+}
+
+// AMQPNodes sets the RabbitMQ nodes the relay may connect to (host:port,
+// never a URL: no credentials in labels), each at 0 until it connects.
+func (m *Metrics) AMQPNodes(nodes []string) {
+	for _, n := range nodes {
+		m.AMQPNode.WithLabelValues(n).Set(0)
+		m.AMQPConnections.WithLabelValues(n)
+	}
+}
+
+// AMQPConnection records a connection to node (host:port) that opened
+// (up) or closed.
+func (m *Metrics) AMQPConnection(node string, up bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if up {
+		m.open[node]++
+		m.AMQPConnections.WithLabelValues(node).Inc()
+	} else if m.open[node] > 0 {
+		m.open[node]--
+	}
+	v := 0.0
+	if m.open[node] > 0 {
+		v = 1
+	}
+	m.AMQPNode.WithLabelValues(node).Set(v)
 }
 
 // SetReady records whether the relay is streaming; why is shown by /readyz.

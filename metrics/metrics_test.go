@@ -96,3 +96,60 @@ func TestFailoverSlotShowsInReadyz(t *testing.T) {
 		t.Fatalf("/readyz = %d %q, want 503 still showing the failover slot", code, body)
 	}
 }
+
+// labelled is the value of name{node=node}, or -1 when missing.
+func labelled(t *testing.T, m *Metrics, name, node string) float64 {
+	t.Helper()
+	mfs, err := m.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+		for _, metric := range mf.GetMetric() {
+			for _, l := range metric.GetLabel() {
+				if l.GetName() == "node" && l.GetValue() == node {
+					if g := metric.GetGauge(); g != nil {
+						return g.GetValue()
+					}
+					return metric.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return -1
+}
+
+// TestAMQPNode: every node of the list is exported at 0; the node with
+// an open connection is 1 and the others 0, also when the close of the
+// last connection is told after the next one opened; each connection
+// counts once for its node.
+func TestAMQPNode(t *testing.T) {
+	m := New()
+	nodes := []string{"10.0.0.1:5672", "10.0.0.2:5672", "10.0.0.3:5672"}
+	m.AMQPNodes(nodes)
+	want := func(gauges, conns [3]float64) {
+		t.Helper()
+		for i, n := range nodes {
+			if g := labelled(t, m, "outbox_relay_amqp_node", n); g != gauges[i] {
+				t.Errorf("outbox_relay_amqp_node{node=%q} = %v, want %v", n, g, gauges[i])
+			}
+			if c := labelled(t, m, "outbox_relay_amqp_connections_total", n); c != conns[i] {
+				t.Errorf("outbox_relay_amqp_connections_total{node=%q} = %v, want %v", n, c, conns[i])
+			}
+		}
+	}
+	want([3]float64{0, 0, 0}, [3]float64{0, 0, 0})
+	m.AMQPConnection(nodes[1], true)
+	want([3]float64{0, 1, 0}, [3]float64{0, 1, 0})
+	m.AMQPConnection(nodes[1], false)
+	want([3]float64{0, 0, 0}, [3]float64{0, 1, 0})
+	m.AMQPConnection(nodes[2], true)
+	m.AMQPConnection(nodes[0], true)
+	m.AMQPConnection(nodes[2], false) // told late
+	want([3]float64{1, 0, 0}, [3]float64{1, 1, 1})
+	m.AMQPConnection(nodes[2], false) // a second close changes nothing
+	want([3]float64{1, 0, 0}, [3]float64{1, 1, 1})
+}

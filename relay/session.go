@@ -71,7 +71,7 @@ const (
 	deadInvalidRow = "invalid row" // the decoder's rules: a NULL, an unreadable occurred_at
 	deadRejected   = "rejected"    // the broker could never accept it (sink.Publisher.Reject)
 	deadUnroutable = "unroutable"  // no queue bound, RELAY_UNROUTABLE=dead-letter
-	deadNacked     = "nacked"      // nacked maxNacks times
+	deadNacked     = "nacked"      // nacked maxNacks times for what it is (sink.Result.Permanent)
 )
 
 func newDeadReason(class, detail string) deadReason {

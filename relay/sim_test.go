@@ -246,6 +246,7 @@ type simWorld struct {
 	nacked         map[string]bool // exempt from the order check
 	returned       map[string]bool // returned at least once: RELAY_UNROUTABLE=drop may drop it
 	attempts       map[string]int
+	nackStreak     map[string]int // nacks in a row: maxNacks of them end the relay's session
 
 	// fault state
 	storeDownUntil  time.Time
@@ -268,7 +269,7 @@ func newSimWorld(seed int64) *simWorld {
 	w := &simWorld{
 		seed: seed, rng: rand.New(rand.NewPCG(uint64(seed), 0x5eed)),
 		changed: make(chan struct{}), rows: map[string]*simRow{}, snaps: map[string]*simSnapshot{},
-		nacked: map[string]bool{}, returned: map[string]bool{}, attempts: map[string]int{}, lsn: 0x1000000, xid: 700, start: time.Now(),
+		nacked: map[string]bool{}, returned: map[string]bool{}, attempts: map[string]int{}, nackStreak: map[string]int{}, lsn: 0x1000000, xid: 700, start: time.Now(),
 	}
 	r := w.rng
 	w.cfg = config.Config{
@@ -1603,6 +1604,14 @@ func (c *simBrokerConn) Publish(ctx context.Context, m *sink.Message) (sink.Pend
 	if now.Before(w.nackUntil) && w.roll("nack", m.ID, n) < 0.5 {
 		p.outcome = sink.Nacked
 		w.nacked[m.ID] = true
+		// maxNacks in a row end the relay's session, which republishes
+		// what was in flight: a cut, for the duplicate bound.
+		if w.nackStreak[m.ID]++; w.nackStreak[m.ID] == maxNacks {
+			w.nackStreak[m.ID] = 0
+			w.cuts++
+		}
+	} else {
+		delete(w.nackStreak, m.ID)
 	}
 	if now.Before(w.unroutableUntil) && w.roll("unroutable", m.ID, n) < 0.5 {
 		p.outcome = sink.Returned

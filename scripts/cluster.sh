@@ -10,6 +10,8 @@
 #   scripts/cluster.sh rabbit-stop N      stop RabbitMQ node N (1-3) cleanly
 #   scripts/cluster.sh rabbit-kill N      kill -9 RabbitMQ node N
 #   scripts/cluster.sh rabbit-start N     start node N again and wait until it runs
+#   scripts/cluster.sh rabbit-leader Q    print the number (1-3) of the node that holds
+#                                         quorum queue Q's leader, asking the first node that answers
 #   scripts/cluster.sh pg-up DIR          initdb a primary, basebackup a standby, start both
 #   scripts/cluster.sh pg-down DIR        stop both (immediate) and remove DIR
 #   scripts/cluster.sh standby-stop DIR   stop the standby (fast)
@@ -44,7 +46,7 @@ RABBIT_PORTS="${RABBIT_PORTS:-5681 5682 5683}"
 SYNC="${SYNC:-}"
 
 usage() {
-	sed -n '2,34p' "$0" | sed 's/^# \{0,1\}//' >&2
+	sed -n '2,36p' "$0" | sed 's/^# \{0,1\}//' >&2
 	exit 2
 }
 
@@ -388,6 +390,21 @@ rabbit_down() {
 	rm -rf "$CLUSTER_DIR/rabbit"
 }
 
+rabbit_leader() {
+	local n leader
+	for n in 1 2 3; do
+		[ -d "$CLUSTER_DIR/rabbit/hare$n" ] || continue
+		if leader="$(ctl "$n" list_queues --no-table-headers name leader 2>/dev/null | awk -v q="$1" '$1 == q { print $2 }')" &&
+			[ -n "$leader" ]; then
+			leader="${leader#hare}"
+			echo "${leader%%@*}"
+			return 0
+		fi
+	done
+	echo "cluster.sh: no node answers with a leader for queue $1" >&2
+	exit 1
+}
+
 rabbit_status() {
 	local n state
 	for n in 1 2 3; do
@@ -443,6 +460,7 @@ status) status ;;
 rabbit-stop) need_node; rabbit_stop "$dir" ;;
 rabbit-kill) need_node; rabbit_kill "$dir" ;;
 rabbit-start) need_node; rabbit_start "$dir" ;;
+rabbit-leader) [ -n "${2:-}" ] || usage; rabbit_leader "$2" ;;
 pg-up) need_dir; pg_up ;;
 pg-down) need_dir; pg_down ;;
 standby-stop) need_dir; standby_stop ;;

@@ -567,7 +567,7 @@ func (n *NATS) verdict(ctx context.Context, m *Message, err error) (Result, erro
 		}
 		return Result{}, fmt.Errorf("publish %s to %q: stream %q did not answer: %w", m.ID, m.Key, name, err)
 	case errors.As(err, &apiErr) && apiErr.ErrorCode == jetstream.JSErrCodeStreamMessageExceedsMaximum:
-		return Result{Outcome: Nacked, Reason: apiErr.Error()}, nil
+		return Result{Outcome: Nacked, Reason: apiErr.Error(), Permanent: true}, nil
 	case n.nc.IsClosed():
 		return Result{}, fmt.Errorf("publish ack of %s: %w", m.ID, n.closedErr())
 	}

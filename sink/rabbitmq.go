@@ -29,15 +29,23 @@ type RabbitMQConfig struct {
 	Nodes              *Nodes
 	Exchange           string // durable topic exchange, declared if missing
 	DeadLetterExchange string // durable fanout exchange with a queue of the same name
-	MaxMessageBytes    int
-	TLS                *tls.Config   // for amqps://; nil uses the system roots
-	Heartbeat          time.Duration // AMQP heartbeat; a silent broker is detected within about twice this
-	ConnectionName     string
+	// DeadLetterQueueType is the type of that queue: QueueClassic (also
+	// "") or QueueQuorum (x-queue-type: quorum, replicated over a
+	// cluster's nodes).
+	DeadLetterQueueType string
+	MaxMessageBytes     int
+	TLS                 *tls.Config   // for amqps://; nil uses the system roots
+	Heartbeat           time.Duration // AMQP heartbeat; a silent broker is detected within about twice this
+	ConnectionName      string
 	// OnBlocked receives RabbitMQ's connection.blocked and
 	// connection.unblocked notifications (a resource alarm: publishes
 	// wait until it clears), and an unblock when a blocked connection
 	// closes; may be nil. It is called from one goroutine per connection.
 	OnBlocked func(blocked bool, reason string)
+	// OnConnection is told of each connection to a node (host:port): up
+	// once its topology is declared and confirms are on, and not up once
+	// it has closed; may be nil.
+	OnConnection func(node string, up bool)
 	// CloudEvents adds the CloudEvents attributes as headers, in the AMQP
 	// binding's binary content mode (cloudEvents_ application properties;
 	// datacontenttype is the content_type property).
@@ -239,8 +247,8 @@ func (r *RabbitMQ) setup() error {
 	if err := ch.ExchangeDeclare(dlx, amqp.ExchangeFanout, true, false, false, false, nil); err != nil {
 		return fmt.Errorf("declare dead-letter exchange %q (durable fanout): %w", dlx, err)
 	}
-	if _, err := ch.QueueDeclare(dlx, true, false, false, false, nil); err != nil {
-		return fmt.Errorf("declare dead-letter queue %q: %w", dlx, err)
+	if _, err := ch.QueueDeclare(dlx, true, false, false, false, queueArgs(r.cfg.DeadLetterQueueType)); err != nil {
+		return r.deadLetterQueueError(err)
 	}
 	if err := ch.QueueBind(dlx, "", dlx, false, nil); err != nil {
 		return fmt.Errorf("bind dead-letter queue %q: %w", dlx, err)
@@ -252,7 +260,14 @@ func (r *RabbitMQ) setup() error {
 	r.conn.NotifyClose(forward(r.closed))
 	ch.NotifyClose(forward(r.closed))
 	blocked := r.conn.NotifyBlocked(make(chan amqp.Blocking, 4))
+	if r.cfg.OnConnection != nil {
+		r.cfg.OnConnection(r.node, true)
+	}
 	go func() {
+		// amqp091 closes blocked when the connection shuts down.
+		if r.cfg.OnConnection != nil {
+			defer r.cfg.OnConnection(r.node, false)
+		}
 		for b := range blocked {
 			r.blocked.Store(b.Active)
 			if r.cfg.OnBlocked != nil {

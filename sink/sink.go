@@ -32,7 +32,8 @@ type Outcome uint8
 const (
 	// Acked: the broker took responsibility for the message.
 	Acked Outcome = iota + 1
-	// Nacked: the broker refused it (an internal error); retry it.
+	// Nacked: the broker refused it; retry it. Unless Result.Permanent,
+	// the refusal is about the destination, not the message, and clears.
 	Nacked
 	// Returned: no queue was bound for its routing key.
 	Returned
@@ -57,6 +58,12 @@ type Result struct {
 	// Duplicate: the broker acked a message id it already held and did not
 	// store it again (NATS JetStream's deduplication window).
 	Duplicate bool
+	// Permanent: a nack about the message itself, which the broker will
+	// refuse every time (NATS: larger than the stream's maximum). A
+	// RabbitMQ basic.nack never is: it carries no reason, and RabbitMQ
+	// nacks for the state of a queue (a full queue with x-overflow
+	// reject-publish, a queue process's internal error), which clears.
+	Permanent bool
 }
 
 // Pending is a published message awaiting its confirmation.

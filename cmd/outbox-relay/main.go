@@ -233,6 +233,13 @@ func cmdRun(args []string, stderr io.Writer) int {
 	// One list for every session: each dial after a lost connection
 	// starts at the next node.
 	amqpNodes := sink.NewNodes(cfg.AMQPURLs())
+	if cfg.Sink != config.SinkNATS {
+		var addrs []string
+		for _, u := range cfg.AMQPURLs() {
+			addrs = append(addrs, sink.NodeAddr(u))
+		}
+		m.AMQPNodes(addrs)
+	}
 	var dialNATS func(context.Context) (sink.Publisher, error)
 	if cfg.Sink == config.SinkNATS {
 		if dialNATS, err = natsPublisher(cfg); err != nil {
@@ -252,14 +259,16 @@ func cmdRun(args []string, stderr io.Writer) int {
 				return dialNATS(ctx)
 			}
 			p, err := sink.DialRabbitMQ(ctx, sink.RabbitMQConfig{
-				Nodes:              amqpNodes,
-				Exchange:           cfg.Exchange,
-				DeadLetterExchange: cfg.DeadLetterExchange,
-				MaxMessageBytes:    cfg.MaxMessageBytes,
-				TLS:                tlsCfg,
-				Heartbeat:          cfg.AMQPHeartbeat,
-				CloudEvents:        cfg.CloudEvents == config.CloudEventsBinary,
-				CloudEventsSource:  cfg.CloudEventsSourceAttr(),
+				Nodes:               amqpNodes,
+				Exchange:            cfg.Exchange,
+				DeadLetterExchange:  cfg.DeadLetterExchange,
+				DeadLetterQueueType: cfg.DeadLetterQueueType,
+				MaxMessageBytes:     cfg.MaxMessageBytes,
+				TLS:                 tlsCfg,
+				Heartbeat:           cfg.AMQPHeartbeat,
+				CloudEvents:         cfg.CloudEvents == config.CloudEventsBinary,
+				CloudEventsSource:   cfg.CloudEventsSourceAttr(),
+				OnConnection:        m.AMQPConnection,
 				OnBlocked: func(blocked bool, reason string) {
 					if !m.SetBrokerBlocked(blocked, reason) {
 						return // another connection's notice of the same episode
