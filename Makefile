@@ -10,17 +10,18 @@ BIN        ?= bin/outbox-relay
 IMAGE      ?= outbox-relay:local
 BENCH_ARGS ?=
 
-.PHONY: test sim sim-check mutants faults faults-only cluster-test unit build demo bench fuzz lint docker
+.PHONY: test sim sim-check mutants faults faults-only cluster-test cluster-only unit build demo bench fuzz lint docker
 
 ## test: services (scripts/test-env.sh), go vet, all tests with -race,
-## the simulator's 10,000 seeds, then the fault suite
+## the simulator's 10,000 seeds, the fault suite, then the cluster tests
 test:
 	. scripts/test-env.sh && \
 	$(GO) vet ./... && \
 	(cd bench && $(GO) vet ./... && $(GO) test -count=1 ./...) && \
 	$(GO) test -race -count=1 -timeout 12m ./... && \
 	$(MAKE) --no-print-directory sim-check && \
-	$(MAKE) --no-print-directory faults-only
+	$(MAKE) --no-print-directory faults-only && \
+	$(MAKE) --no-print-directory cluster-only
 
 SEEDS ?= 10000
 
@@ -48,11 +49,14 @@ faults:
 faults-only:
 	$(GO) test -race -count=1 -p 1 -tags faults -timeout 15m -v ./faulttest/
 
-## cluster-test: the RabbitMQ cluster fault tests (faulttest/cluster_rabbit_test.go)
-## on scripts/cluster.sh's three nodes: up, the tests, then always down;
-## exits with the tests' status. Needs root, and the test services of
-## scripts/test-env.sh (OUTBOX_TEST_*) for PostgreSQL
+## cluster-test: the cluster fault tests (faulttest/cluster_*_test.go) on
+## scripts/cluster.sh's topology: three RabbitMQ nodes and a synchronous
+## PostgreSQL pair. up, the tests, then always down; exits with the tests'
+## status. Needs root; the shared services come from scripts/test-env.sh
 cluster-test:
+	. scripts/test-env.sh && $(MAKE) --no-print-directory cluster-only
+
+cluster-only:
 	status=0; \
 	{ bash scripts/cluster.sh up && \
 	  $(GO) test -race -count=1 -p 1 -tags faults,cluster -run '^TestCluster' -timeout 20m -v ./faulttest/; } || status=$$?; \
