@@ -587,6 +587,38 @@ func TestNacksAreRetriedThenDeadLettered(t *testing.T) {
 	r.stop(t)
 }
 
+// TestAnEventNackedInEverySessionIsDeadLettered (invariant 8, poison does
+// not stall): RabbitMQ nacks a message its queue can never take (over
+// x-max-length-bytes, with reject-publish) on every node and every
+// channel. After maxNackSessions sessions in a row ended on its nacks, it
+// is dead-lettered with the reason, its row marked, and the stream goes
+// on; the event behind it is delivered.
+func TestAnEventNackedInEverySessionIsDeadLettered(t *testing.T) {
+	e := newEnv(t)
+	stuck := newEvent("order", "created", `{"n":1}`)
+	after := newEvent("order", "paid", `{"n":2}`)
+	n := &nacking{nacks: map[string]int{stuck.ID: 1 << 20}}
+	r := e.start(func(p sink.Publisher) sink.Publisher { n.Publisher = p; return n })
+	r.waitStreaming(t)
+	e.insertTx([]event{stuck, after}, true, nil)
+	waitFor(t, 90*time.Second, "rows marked", func() bool { return e.unpublished() == 0 })
+	dead := e.dlq()
+	if len(dead) != 1 || dead[0].MessageId != stuck.ID {
+		t.Fatalf("dead-letter queue holds %d messages, want the event nacked in every session", len(dead))
+	}
+	want := fmt.Sprintf("in each of %d sessions in a row", maxNackSessions)
+	if reason, _ := dead[0].Headers["x-outbox-reason"].(string); !strings.Contains(reason, want) {
+		t.Fatalf("reason %q, want it to say %q", reason, want)
+	}
+	if !slices.Contains(e.receivedIDs(), after.ID) {
+		t.Fatalf("the event behind was not delivered: %v", e.receivedIDs())
+	}
+	if got := testutil.ToFloat64(r.metrics.Reconnects.WithLabelValues("rabbitmq")); got < maxNackSessions-1 {
+		t.Fatalf("%v sessions ended on the broker before the dead-letter; want %d", got, maxNackSessions-1)
+	}
+	r.stop(t)
+}
+
 // TestHeartbeatIsAcknowledged: with RELAY_HEARTBEAT_INTERVAL the relay
 // writes transactional logical messages and the slot moves past them with
 // no outbox traffic at all.

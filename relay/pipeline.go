@@ -347,6 +347,35 @@ func (s *session) endAbandonedSpans(err error) {
 // for it.)
 const maxNacks = 5
 
+// maxNackSessions is how many sessions in a row may end on maxNacks nacks
+// of the same event before it is dead-lettered: with the reconnect backoff
+// growing between them (Run), a minute or more on every node in turn, far
+// beyond a quorum queue's leader election (5 s in the cluster tests).
+const maxNackSessions = 10
+
+// nackStreak counts the sessions in a row that ended on maxNacks nacks of
+// one event. Only the confirmer touches it, and sessions run one at a time.
+type nackStreak struct {
+	id       string
+	sessions int
+}
+
+// note counts one more session ended on id's nacks and returns the count.
+func (n *nackStreak) note(id string) int {
+	if n.id != id {
+		n.id, n.sessions = strings.Clone(id), 0
+	}
+	n.sessions++
+	return n.sessions
+}
+
+// clear forgets the streak of id, which the broker took after all.
+func (n *nackStreak) clear(id string) {
+	if n.id != "" && n.id == id {
+		n.id, n.sessions = "", 0
+	}
+}
+
 // errNackedInARow ends a session whose broker keeps nacking an event.
 var errNackedInARow = errors.New("the broker nacked the event every time")
 
@@ -415,6 +444,7 @@ func (s *session) await(ctx context.Context, it *item) error {
 		switch res.Outcome {
 		case sink.Acked:
 			s.retry.reset()
+			s.r.nackStreak.clear(it.msg.ID)
 			return nil
 		case sink.Returned:
 			switch s.r.cfg.Unroutable {
@@ -437,6 +467,15 @@ func (s *session) await(ctx context.Context, it *item) error {
 			if !res.Permanent {
 				transient++
 				if transient >= maxNacks {
+					if n := s.r.nackStreak.note(it.msg.ID); n >= maxNackSessions {
+						// Not a queue without a leader any more: every node,
+						// for a minute or more. A message the queue can never
+						// take (over its x-max-length-bytes, with
+						// reject-publish) must not stall the stream.
+						s.r.nackStreak.clear(it.msg.ID)
+						return s.deadLetter(ctx, it, deadReason{class: deadNacked,
+							text: fmt.Sprintf("nacked %d times in a row in each of %d sessions in a row: %s", transient, n, res.Reason)})
+					}
 					return brokerFailure(fmt.Errorf("%w (%d in a row: %s; not for anything in it, so not dead-lettered): "+
 						"reconnecting, to republish it and everything after it on a fresh channel", errNackedInARow, transient, res.Reason))
 				}

@@ -58,6 +58,9 @@ func (r *Relay) preflight(ctx context.Context) (slotInfo, error) {
 	if err := r.checkWritePrivilege(ctx); err != nil {
 		return si, err
 	}
+	if err := r.checkBarrierPrivilege(ctx); err != nil {
+		return si, err
+	}
 	if err := r.findStateTables(ctx); err != nil {
 		return si, err
 	}

@@ -61,6 +61,10 @@ type Relay struct {
 	// has, as preflight found them: the sweep reads only those.
 	optional map[string]bool
 	streamed bool // a session has reached streaming at least once
+	// progressed: the last session finished events, or lived a minute,
+	// and did not end on nacks; only then is the reconnect backoff reset.
+	progressed bool
+	nackStreak nackStreak
 	// carried holds ids the broker confirmed in a session that failed
 	// before it could mark them. The next session marks them without
 	// publishing them again: a broker or database hiccup causes no
@@ -71,8 +75,6 @@ type Relay struct {
 	stateSchemas map[string]string
 	// syncLogged is the sync state last logged, so that it is said once.
 	syncLogged string
-	// barrier is the connection for synchronous-standby barriers (standby.go).
-	barrier barrierConn
 
 	// db and connect are the engine's collaborators (seams.go): the
 	// Relay's own PostgreSQL methods and the replication connection,
@@ -175,7 +177,6 @@ var errStandby = errors.New("replication slot is in use by another process")
 // acknowledgement and returns nil. It returns an error only for a
 // misconfiguration found before the first session streamed.
 func (r *Relay) Run(ctx context.Context) error {
-	defer r.closeBarrier()
 	bo := r.newBackoff(r.cfg.BackoffMin, r.cfg.BackoffMax)
 	standby := false
 	for {
@@ -230,7 +231,12 @@ func (r *Relay) Run(ctx context.Context) error {
 		if !sleep(ctx, wait) {
 			return nil
 		}
-		if r.streamed {
+		if r.progressed {
+			// A session that made progress: the next failure is a new one.
+			// One that did not (the broker or the database failed it at
+			// once, or it ended on nacks) waits longer each time, so that
+			// a dependency that stays down is not hammered with
+			// connections and queries every BackoffMin.
 			bo.reset()
 		}
 	}

@@ -79,9 +79,9 @@ type store interface {
 	completeRecorded(ctx context.Context) (n int, gone []string, err error)
 	readSyncState(ctx context.Context, walsender uint32) (syncReading, error)
 	emitHeartbeat(ctx context.Context) (pglogrepl.LSN, error)
-	// syncBarrier commits a barrier the synchronous standbys must confirm
-	// and returns its position; 0 without synchronous standbys (standby.go).
-	syncBarrier(ctx context.Context) (pglogrepl.LSN, error)
+	// openBarrier connects a session's barrier, which the synchronous
+	// standbys must confirm before streamed events go out (standby.go).
+	openBarrier(ctx context.Context) (barrier, error)
 }
 
 // connectStream opens the real replication connection.

@@ -126,7 +126,9 @@ type session struct {
 	// barrierPos: the synchronous standbys have every commit before it
 	// (standby.go); noSyncUntil: synchronous_standby_names was empty, and
 	// is trusted to be until then. Only the publisher touches them.
+	barrier     barrier // nil without RELAY_WAIT_FOR_SYNC_STANDBY
 	barrierPos  pglogrepl.LSN
+	lastTxLSN   pglogrepl.LSN // the last streamed item's transaction
 	noSyncUntil time.Time
 	stopping    <-chan struct{} // SIGTERM: the run's soft end
 	sentPos     pglogrepl.LSN   // the reader's last status: position and time
@@ -156,6 +158,7 @@ const promptGap = time.Millisecond
 // its state (slotState), connect to both sides, open the stream (a new slot
 // comes with its table sweep), and run the pipeline until it ends.
 func (r *Relay) session(ctx context.Context) error {
+	r.progressed = false
 	// Before the slot is even looked at: only its owner may drop, create,
 	// sweep or stream it.
 	own, err := r.db.claim(ctx)
@@ -185,6 +188,15 @@ func (r *Relay) session(ctx context.Context) error {
 	if _, err := conn.IdentifySystem(ctx); err != nil {
 		return classifyPg(err)
 	}
+	// The barrier's connection, opened now, finds the server the stream
+	// just found (standby.go); it is never opened again in this session.
+	var b barrier
+	if r.cfg.WaitForSyncStandby {
+		if b, err = r.db.openBarrier(ctx); err != nil {
+			return err
+		}
+		defer b.close()
+	}
 
 	start, sweep := si.confirmed, sweepCursor(nil)
 	if !si.exists {
@@ -194,7 +206,10 @@ func (r *Relay) session(ctx context.Context) error {
 		defer sweep.close() // read-only; ended after the sweep
 	}
 	s := r.newSession(conn, pub, start)
+	s.barrier = b
+	began := time.Now()
 	err = s.run(ctx, own, sweep)
+	r.progressed = (s.finished.Load() > 0 || time.Since(began) >= time.Minute) && !errors.Is(err, errNackedInARow)
 	s.carryConfirmed()
 	s.endAbandonedSpans(err)
 	return err

@@ -1218,8 +1218,13 @@ func (s *simStore) emitHeartbeat(context.Context) (pglogrepl.LSN, error) {
 	return 0, errors.New("sim: no heartbeats")
 }
 
-// syncBarrier: the simulated server has no synchronous standbys.
-func (s *simStore) syncBarrier(context.Context) (pglogrepl.LSN, error) { return 0, nil }
+// openBarrier: the simulated server has no synchronous standbys.
+func (s *simStore) openBarrier(context.Context) (barrier, error) { return noStandbys{}, nil }
+
+type noStandbys struct{}
+
+func (noStandbys) commit(context.Context) (pglogrepl.LSN, error) { return 0, nil }
+func (noStandbys) close()                                        {}
 
 // ---- the replication stream ---------------------------------------------
 

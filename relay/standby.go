@@ -5,9 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"strings"
-	"sync"
+	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgerrcode"
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -59,87 +60,121 @@ var errSyncWaitCanceled = errors.New("the wait for the synchronous standbys was 
 // errBarrierStopped: the relay is stopping while a barrier waits.
 var errBarrierStopped = errors.New("stopping while waiting for the synchronous standbys")
 
-// barrierConn is the relay's connection for barriers: statement_timeout 0
-// (a DBA's timeout would cancel the wait, and PostgreSQL then commits
-// locally with a warning) and synchronous_commit on, whatever the role's
-// defaults are. It watches notices for that warning.
-type barrierConn struct {
-	mu       sync.Mutex
-	conn     *pgx.Conn
-	canceled bool // a warning said the sync wait was cancelled
+// barrier is a session's connection for barriers (openBarrier).
+type barrier interface {
+	// commit commits one barrier and returns its position, or 0 when
+	// synchronous_standby_names is empty (nothing to wait for).
+	commit(ctx context.Context) (pglogrepl.LSN, error)
+	close()
 }
 
-// syncBarrier commits a barrier and returns its position, or 0 when
-// synchronous_standby_names is empty (nothing to wait for).
-func (r *Relay) syncBarrier(ctx context.Context) (pglogrepl.LSN, error) {
-	b := &r.barrier
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	for attempt := 0; ; attempt++ {
-		if b.conn == nil {
-			cfg := r.opt.Pool.Config().ConnConfig.Copy()
-			cfg.RuntimeParams["statement_timeout"] = "0"
-			cfg.RuntimeParams["synchronous_commit"] = "on"
-			cfg.RuntimeParams["application_name"] = r.applicationName() + "-barrier"
-			cfg.OnNotice = func(_ *pgconn.PgConn, n *pgconn.Notice) {
-				if strings.Contains(n.Message, "wait for synchronous replication") {
-					b.canceled = true
-				}
-			}
-			c, err := pgx.ConnectConfig(ctx, cfg)
-			if err != nil {
-				return 0, classifyPg(fmt.Errorf("connect for the synchronous-standby barrier: %w", err))
-			}
-			b.conn = c
+// pgBarrier is the real one: statement_timeout 0 (a DBA's timeout would
+// cancel the wait, and PostgreSQL then commits locally with a warning),
+// synchronous_commit on whatever the role's default is, and warnings sent
+// to the client (client_min_messages), so that such a cancellation is seen.
+//
+// It belongs to one session and is opened with the replication connection,
+// before the stream starts, and never opened again within the session: a
+// barrier connection that reconnected on its own could reach a promoted
+// standby while the stream still delivers the dead primary's commits, and
+// that server's answer would say nothing about them.
+type pgBarrier struct {
+	conn   *pgx.Conn
+	warned atomic.Bool // a WARNING arrived during the barrier
+}
+
+// openBarrier connects the session's barrier connection, to the primary.
+func (r *Relay) openBarrier(ctx context.Context) (barrier, error) {
+	b := &pgBarrier{}
+	cfg := r.opt.Pool.Config().ConnConfig.Copy()
+	cfg.RuntimeParams["statement_timeout"] = "0"
+	cfg.RuntimeParams["synchronous_commit"] = "on"
+	cfg.RuntimeParams["client_min_messages"] = "warning"
+	cfg.RuntimeParams["application_name"] = r.applicationName() + "-barrier"
+	cfg.OnNotice = func(_ *pgconn.PgConn, n *pgconn.Notice) {
+		// The only warning a commit of a logical message gives is the
+		// cancelled wait for the standbys ("canceling wait for synchronous
+		// replication …"), in whatever language lc_messages says.
+		if n.SeverityUnlocalized == "WARNING" || (n.SeverityUnlocalized == "" && n.Severity == "WARNING") ||
+			strings.Contains(n.Message, "wait for synchronous replication") {
+			b.warned.Store(true)
 		}
-		b.canceled = false
-		var lsn *string
-		err := b.conn.QueryRow(ctx, `SELECT CASE WHEN current_setting('synchronous_standby_names') <> ''
-			THEN pg_logical_emit_message(true, 'outbox-relay-barrier', '')::text END`).Scan(&lsn)
-		if err != nil {
-			_ = b.conn.Close(context.Background())
-			b.conn = nil
-			if attempt == 0 && ctx.Err() == nil && !isPgError(err) {
-				continue // an idle connection a server timeout closed: once more on a new one
-			}
-			var pgErr *pgconn.PgError
-			if errors.As(err, &pgErr) && pgErr.Code == "42501" {
-				return 0, classifyPg(fmt.Errorf("commit the synchronous-standby barrier (pg_logical_emit_message; "+
-					"GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) to the relay's role, "+
-					"or set RELAY_WAIT_FOR_SYNC_STANDBY=false and accept phantom events after a failover): %w", err))
-			}
-			return 0, classifyPg(fmt.Errorf("commit the synchronous-standby barrier: %w", err))
-		}
-		if b.canceled {
-			return 0, databaseFailure(errSyncWaitCanceled)
-		}
-		if lsn == nil {
-			return 0, nil
-		}
-		return pglogrepl.ParseLSN(*lsn)
 	}
-}
-
-func isPgError(err error) bool {
-	var pgErr *pgconn.PgError
-	return errors.As(err, &pgErr)
-}
-
-// closeBarrier closes the barrier connection, at the end of Run.
-func (r *Relay) closeBarrier() {
-	b := &r.barrier
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.conn != nil {
-		_ = b.conn.Close(context.Background())
-		b.conn = nil
+	qctx, cancel := context.WithTimeout(ctx, r.cfg.PostgresTimeout)
+	defer cancel()
+	c, err := pgx.ConnectConfig(qctx, cfg)
+	if err != nil {
+		return nil, classifyPg(fmt.Errorf("connect for the synchronous-standby barrier (RELAY_WAIT_FOR_SYNC_STANDBY): %w", err))
 	}
+	var standby bool
+	if err := c.QueryRow(qctx, `SELECT pg_is_in_recovery()`).Scan(&standby); err != nil || standby {
+		_ = c.Close(context.Background())
+		if err == nil {
+			err = errors.New("the server is a standby (give RELAY_DATABASE_URL target_session_attrs=read-write)")
+		}
+		return nil, classifyPg(fmt.Errorf("connect for the synchronous-standby barrier: %w", err))
+	}
+	b.conn = c
+	return b, nil
+}
+
+func (b *pgBarrier) commit(ctx context.Context) (pglogrepl.LSN, error) {
+	b.warned.Store(false)
+	var lsn *string
+	err := b.conn.QueryRow(ctx, `SELECT CASE WHEN current_setting('synchronous_standby_names') <> ''
+		THEN pg_logical_emit_message(true, 'outbox-relay-barrier', '')::text END`).Scan(&lsn)
+	if err != nil {
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == pgerrcode.InsufficientPrivilege {
+			return 0, classifyPg(fmt.Errorf("commit the synchronous-standby barrier (%s): %w", barrierGrant, err))
+		}
+		return 0, classifyPg(fmt.Errorf("commit the synchronous-standby barrier: %w", err))
+	}
+	if b.warned.Load() {
+		return 0, databaseFailure(errSyncWaitCanceled)
+	}
+	if lsn == nil {
+		return 0, nil
+	}
+	return pglogrepl.ParseLSN(*lsn)
+}
+
+func (b *pgBarrier) close() { _ = b.conn.Close(context.Background()) }
+
+// barrierGrant is what to do when the role may not write the barrier.
+const barrierGrant = "the relay's role needs EXECUTE on pg_logical_emit_message(boolean, text, text): " +
+	"GRANT it, or set RELAY_WAIT_FOR_SYNC_STANDBY=false and accept phantom events after a failover"
+
+// checkBarrierPrivilege runs before the first stream, so that a role
+// without the privilege stops the relay with the fix, rather than stalling
+// it once events come.
+func (r *Relay) checkBarrierPrivilege(ctx context.Context) error {
+	if !r.cfg.WaitForSyncStandby {
+		return nil
+	}
+	var ok bool
+	err := r.opt.Pool.QueryRow(ctx,
+		`SELECT has_function_privilege('pg_catalog.pg_logical_emit_message(boolean, text, text)', 'EXECUTE')`).Scan(&ok)
+	if err != nil {
+		return classifyPg(fmt.Errorf("check EXECUTE on pg_logical_emit_message: %w", err))
+	}
+	if !ok {
+		return fmt.Errorf("%w: %s", ErrMisconfigured, barrierGrant)
+	}
+	return nil
 }
 
 // needsBarrier reports whether it is a streamed event about to be
-// published whose commit no barrier has covered yet.
+// published whose commit no barrier has covered yet. Only the first event
+// of a transaction asks: once one of its events is published, holding the
+// rest would protect nothing, and a stop would cut the transaction short.
 func (s *session) needsBarrier(it *item, now time.Time) bool {
-	if !s.r.cfg.WaitForSyncStandby || it.sweep || it.fate == fateSkip || it.ev.Published {
+	if s.barrier == nil || it.sweep {
+		return false
+	}
+	first := it.pos.lsn != s.lastTxLSN
+	s.lastTxLSN = it.pos.lsn
+	if !first || it.fate == fateSkip || it.ev.Published {
 		return false
 	}
 	if it.pos.lsn < s.barrierPos || now.Before(s.noSyncUntil) {
@@ -161,7 +196,7 @@ func (s *session) awaitStandbys(ctx context.Context, it *item) error {
 	done := make(chan result, 1)
 	start := time.Now()
 	go func() {
-		lsn, err := s.r.db.syncBarrier(bctx)
+		lsn, err := s.barrier.commit(bctx)
 		done <- result{lsn, err}
 	}()
 	// A barrier takes a round trip and a standby's flush. One that takes
@@ -171,6 +206,9 @@ func (s *session) awaitStandbys(ctx context.Context, it *item) error {
 	check := time.NewTimer(barrierFirstCheck)
 	defer check.Stop()
 	nextLog := start.Add(barrierSlow)
+	// A stop gives up only a barrier that is slow already: a healthy one
+	// takes milliseconds, and its events drain with the rest.
+	var stopping <-chan struct{}
 	for {
 		select {
 		case res := <-done:
@@ -189,6 +227,7 @@ func (s *session) awaitStandbys(ctx context.Context, it *item) error {
 			return nil
 		case <-check.C:
 			check.Reset(time.Second)
+			stopping = s.stopping
 			s.checkSyncNow(ctx)
 			if s.prompt.Load() {
 				s.log.Warn().Msg("commits may wait for the relay itself (it is a synchronous standby candidate): " +
@@ -208,10 +247,11 @@ func (s *session) awaitStandbys(ctx context.Context, it *item) error {
 			cancel()
 			<-done
 			return nil // the caller sees the halt and publishes nothing more
-		case <-s.stopping:
+		case <-stopping:
 			// A graceful stop does not wait for a standby that may be gone
 			// for long: what is unpublished is not acknowledged either, and
-			// the next relay reads it again.
+			// the next relay reads it again. The barrier guards the first
+			// event of a transaction, so none of it is published yet.
 			cancel()
 			<-done
 			return errBarrierStopped

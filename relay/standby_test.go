@@ -3,6 +3,8 @@ package relay
 import (
 	"context"
 	"encoding/json"
+	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -121,4 +123,49 @@ func histCount(h prometheus.Histogram) uint64 {
 		return 0
 	}
 	return m.GetHistogram().GetSampleCount()
+}
+
+// TestPreflightNamesTheBarrierPrivilege: a DBA who revoked EXECUTE on
+// pg_logical_emit_message from PUBLIC would leave the barrier unable to
+// commit once events come, a stall; the relay refuses to start instead, and
+// says what to grant or set.
+func TestPreflightNamesTheBarrierPrivilege(t *testing.T) {
+	e := newEnv(t)
+	ctx := context.Background()
+	role := testenv.Name(t, "nb")
+	_, err := e.pool.Exec(ctx, `CREATE ROLE `+role+` LOGIN REPLICATION`)
+	must(t, err)
+	t.Cleanup(func() {
+		_, _ = e.pool.Exec(context.Background(), `DROP OWNED BY `+role)
+		_, _ = e.pool.Exec(context.Background(), `DROP ROLE `+role)
+	})
+	for _, q := range []string{
+		`GRANT SELECT, UPDATE (published_at) ON outbox_events TO ` + role,
+		`GRANT SELECT, INSERT, UPDATE ON outbox_relay_slot_state TO ` + role,
+		`GRANT SELECT, INSERT, DELETE ON outbox_relay_confirmed TO ` + role,
+		// This database's catalog only: the test's own database.
+		`REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) FROM PUBLIC`,
+	} {
+		_, err := e.pool.Exec(ctx, q)
+		must(t, err)
+	}
+	e.dbURL = strings.Replace(e.dbURL, "postgres@", role+"@", 1)
+	if !strings.Contains(e.dbURL, role+"@") {
+		t.Fatalf("cannot put role %s into the test URL", role)
+	}
+	r := e.start(nil)
+	select {
+	case err = <-r.done:
+		r.done <- err
+	case <-time.After(20 * time.Second):
+		t.Fatal("the relay did not stop on the missing EXECUTE")
+	}
+	if !errors.Is(err, ErrMisconfigured) || !strings.Contains(err.Error(), "pg_logical_emit_message") ||
+		!strings.Contains(err.Error(), "RELAY_WAIT_FOR_SYNC_STANDBY=false") {
+		t.Fatalf("Run returned %v; want ErrMisconfigured naming pg_logical_emit_message and RELAY_WAIT_FOR_SYNC_STANDBY", err)
+	}
+	// Without the wait the role needs no such privilege.
+	r = e.startWith(func(x *Relay) { x.cfg.WaitForSyncStandby = false }, nil)
+	r.waitStreaming(t)
+	r.stop(t)
 }
