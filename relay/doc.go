@@ -19,7 +19,8 @@
 //	    poison events take their policy here (dead-letter, retry). A
 //	    RabbitMQ nack is about a queue, not the event: maxNacks of them in
 //	    a row end the session, and only an event whose nacks end
-//	    maxNackSessions sessions in a row is dead-lettered (pipeline.go).
+//	    maxNackSessions sessions in a row, over Options.NackPoisonAfter,
+//	    is dead-lettered (pipeline.go).
 //	  - marker sets published_at in batches (UPDATE … WHERE id = ANY($1) AND
 //	    published_at IS NULL) and retries rows the UPDATE did not reach
 //	    because their transaction is not yet visible (invariant 5). Only then

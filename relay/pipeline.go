@@ -347,26 +347,30 @@ func (s *session) endAbandonedSpans(err error) {
 // for it.)
 const maxNacks = 5
 
-// maxNackSessions is how many sessions in a row may end on maxNacks nacks
-// of the same event before it is dead-lettered: with the reconnect backoff
-// growing between them (Run), a minute or more on every node in turn, far
-// beyond a quorum queue's leader election (5 s in the cluster tests).
+// maxNackSessions is how many sessions in a row must end on maxNacks nacks
+// of the same event, over Options.NackPoisonAfter (5 minutes) at least,
+// before it is dead-lettered: every node in turn, far beyond a quorum
+// queue's leader election (5 s in the cluster tests, where 10 sessions
+// could end within 15 s: a count alone dead-lettered an event there).
 const maxNackSessions = 10
 
 // nackStreak counts the sessions in a row that ended on maxNacks nacks of
-// one event. Only the confirmer touches it, and sessions run one at a time.
+// one event, since when. Only the confirmer touches it, and sessions run
+// one at a time.
 type nackStreak struct {
 	id       string
 	sessions int
+	first    time.Time
 }
 
-// note counts one more session ended on id's nacks and returns the count.
-func (n *nackStreak) note(id string) int {
+// note counts one more session ended on id's nacks and returns the count
+// and how long the streak has lasted.
+func (n *nackStreak) note(id string, now time.Time) (int, time.Duration) {
 	if n.id != id {
-		n.id, n.sessions = strings.Clone(id), 0
+		n.id, n.sessions, n.first = strings.Clone(id), 0, now
 	}
 	n.sessions++
-	return n.sessions
+	return n.sessions, now.Sub(n.first)
 }
 
 // clear forgets the streak of id, which the broker took after all.
@@ -467,14 +471,16 @@ func (s *session) await(ctx context.Context, it *item) error {
 			if !res.Permanent {
 				transient++
 				if transient >= maxNacks {
-					if n := s.r.nackStreak.note(it.msg.ID); n >= maxNackSessions {
+					n, since := s.r.nackStreak.note(it.msg.ID, time.Now())
+					if n >= maxNackSessions && since >= s.r.opt.NackPoisonAfter {
 						// Not a queue without a leader any more: every node,
-						// for a minute or more. A message the queue can never
-						// take (over its x-max-length-bytes, with
-						// reject-publish) must not stall the stream.
+						// for minutes. A message the queue can never take
+						// (over its x-max-length-bytes, with reject-publish)
+						// must not stall the stream.
 						s.r.nackStreak.clear(it.msg.ID)
 						return s.deadLetter(ctx, it, deadReason{class: deadNacked,
-							text: fmt.Sprintf("nacked %d times in a row in each of %d sessions in a row: %s", transient, n, res.Reason)})
+							text: fmt.Sprintf("nacked %d times in a row in each of %d sessions in a row, for %s: %s",
+								transient, n, since.Round(time.Second), res.Reason)})
 					}
 					return brokerFailure(fmt.Errorf("%w (%d in a row: %s; not for anything in it, so not dead-lettered): "+
 						"reconnecting, to republish it and everything after it on a fresh channel", errNackedInARow, transient, res.Reason))

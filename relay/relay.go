@@ -37,6 +37,10 @@ type Options struct {
 	// SyncStallLimit and SyncHoldOff are the step-aside guard's bounds
 	// (syncstate.go, checkStall): 3s and 30s when zero.
 	SyncStallLimit, SyncHoldOff time.Duration
+	// NackPoisonAfter is how long an event's nacks must end session after
+	// session (maxNackSessions of them) before it is dead-lettered
+	// (pipeline.go, nackStreak): 5m when zero.
+	NackPoisonAfter time.Duration
 	// Tracer, when set, starts a span per published event, linked to the
 	// producer's span (pipeline.go, startSpan). nil: no spans, no cost.
 	Tracer trace.Tracer
@@ -113,6 +117,9 @@ func build(opt Options) (*Relay, error) {
 	}
 	if opt.SyncHoldOff == 0 {
 		opt.SyncHoldOff = 30 * time.Second
+	}
+	if opt.NackPoisonAfter == 0 {
+		opt.NackPoisonAfter = 5 * time.Minute
 	}
 	key, err := config.ParseRoutingKey(opt.Config.RoutingKey)
 	if err != nil {
