@@ -262,13 +262,7 @@ func (cw *clusterWorld) dbNow() time.Time {
 // being confirmed and marked.
 func (cw *clusterWorld) recovery(t0 time.Time) time.Duration {
 	cw.t.Helper()
-	var first *time.Time
-	must(cw.t, cw.pool.QueryRow(context.Background(),
-		`SELECT min(published_at) FROM outbox_events WHERE occurred_at > $1`, t0).Scan(&first))
-	if first == nil {
-		cw.t.Fatalf("no event committed after %s was ever marked", t0.Format(time.RFC3339Nano))
-	}
-	return first.Sub(t0).Round(time.Millisecond)
+	return cw.recoverySince(t0, t0)
 }
 
 var connectedNode = regexp.MustCompile(`"node":"127\.0\.0\.1:(\d+)"[^\n]*"message":"connected to RabbitMQ node"`)

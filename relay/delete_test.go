@@ -172,25 +172,7 @@ func TestDeleteModeDeletesOnlyConfirmedRows(t *testing.T) {
 func TestPreflightNamesTheMissingWritePrivilege(t *testing.T) {
 	e := newEnv(t)
 	ctx := context.Background()
-	role := testenv.Name(t, "lp")
-	_, err := e.pool.Exec(ctx, `CREATE ROLE `+role+` LOGIN REPLICATION`)
-	must(t, err)
-	t.Cleanup(func() {
-		_, _ = e.pool.Exec(context.Background(), `DROP OWNED BY `+role)
-		_, _ = e.pool.Exec(context.Background(), `DROP ROLE `+role)
-	})
-	for _, q := range []string{
-		`GRANT SELECT, UPDATE (published_at) ON outbox_events TO ` + role,
-		`GRANT SELECT, INSERT, UPDATE ON outbox_relay_slot_state TO ` + role,
-		`GRANT SELECT, INSERT, DELETE ON outbox_relay_confirmed TO ` + role,
-	} {
-		_, err := e.pool.Exec(ctx, q)
-		must(t, err)
-	}
-	e.dbURL = strings.Replace(e.dbURL, "postgres@", role+"@", 1)
-	if !strings.Contains(e.dbURL, role+"@") {
-		t.Fatalf("cannot put role %s into the test URL", role)
-	}
+	role := e.relayRole("lp")
 	e.insertTx([]event{newEvent("order", "created", `{}`)}, true, nil)
 
 	for _, c := range []struct {
@@ -221,6 +203,36 @@ func TestPreflightNamesTheMissingWritePrivilege(t *testing.T) {
 			t.Fatalf("%s: %d events published by a relay that cannot record them", c.mode, n)
 		}
 	}
+}
+
+// relayRole creates a LOGIN REPLICATION role (named after prefix) with
+// the mark-mode grants of deploy/least-privilege.sql, runs the statements
+// of more (as the admin), and makes the relays the test starts from now on
+// connect as that role. It is dropped when the test ends.
+func (e *env) relayRole(prefix string, more ...string) string {
+	t := e.t
+	t.Helper()
+	ctx := context.Background()
+	role := testenv.Name(t, prefix)
+	_, err := e.pool.Exec(ctx, `CREATE ROLE `+role+` LOGIN REPLICATION`)
+	must(t, err)
+	t.Cleanup(func() {
+		_, _ = e.pool.Exec(context.Background(), `DROP OWNED BY `+role)
+		_, _ = e.pool.Exec(context.Background(), `DROP ROLE `+role)
+	})
+	for _, q := range append([]string{
+		`GRANT SELECT, UPDATE (published_at) ON outbox_events TO ` + role,
+		`GRANT SELECT, INSERT, UPDATE ON outbox_relay_slot_state TO ` + role,
+		`GRANT SELECT, INSERT, DELETE ON outbox_relay_confirmed TO ` + role,
+	}, more...) {
+		_, err := e.pool.Exec(ctx, q)
+		must(t, err)
+	}
+	e.dbURL = strings.Replace(e.dbURL, "postgres@", role+"@", 1)
+	if !strings.Contains(e.dbURL, role+"@") {
+		t.Fatalf("cannot put role %s into the test URL", role)
+	}
+	return role
 }
 
 // holdingPublisher publishes for real; the confirms wait until hold is

@@ -89,7 +89,7 @@ func (s *session) publish(ctx context.Context) error {
 			}
 		}
 		for i, it := range batch {
-			if s.needsBarrier(it, time.Now()) {
+			if s.barrier != nil && s.needsBarrier(it, time.Now()) {
 				// Publishes already held go out first; this one waits
 				// until the synchronous standbys have its commit.
 				if err := flush(); err != nil {

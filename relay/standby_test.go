@@ -131,28 +131,9 @@ func histCount(h prometheus.Histogram) uint64 {
 // says what to grant or set.
 func TestPreflightNamesTheBarrierPrivilege(t *testing.T) {
 	e := newEnv(t)
-	ctx := context.Background()
-	role := testenv.Name(t, "nb")
-	_, err := e.pool.Exec(ctx, `CREATE ROLE `+role+` LOGIN REPLICATION`)
-	must(t, err)
-	t.Cleanup(func() {
-		_, _ = e.pool.Exec(context.Background(), `DROP OWNED BY `+role)
-		_, _ = e.pool.Exec(context.Background(), `DROP ROLE `+role)
-	})
-	for _, q := range []string{
-		`GRANT SELECT, UPDATE (published_at) ON outbox_events TO ` + role,
-		`GRANT SELECT, INSERT, UPDATE ON outbox_relay_slot_state TO ` + role,
-		`GRANT SELECT, INSERT, DELETE ON outbox_relay_confirmed TO ` + role,
-		// This database's catalog only: the test's own database.
-		`REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) FROM PUBLIC`,
-	} {
-		_, err := e.pool.Exec(ctx, q)
-		must(t, err)
-	}
-	e.dbURL = strings.Replace(e.dbURL, "postgres@", role+"@", 1)
-	if !strings.Contains(e.dbURL, role+"@") {
-		t.Fatalf("cannot put role %s into the test URL", role)
-	}
+	// This database's catalog only: the test's own database.
+	e.relayRole("nb", `REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) FROM PUBLIC`)
+	var err error
 	r := e.start(nil)
 	select {
 	case err = <-r.done:
